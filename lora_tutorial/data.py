@@ -1,0 +1,661 @@
+"""SQuAD v1.1 -> supervised fine-tuning (SFT) examples for a causal language model.
+
+The data pipeline, end to end::
+
+    train-v1.1.json / dev-v1.1.json           download (sha256-checked) or copy from a local folder
+            |  prepare_squad()
+            v
+    squad_train.jsonl, squad_val.jsonl         one JSON object per line:
+    (+ the seed's short subsets)               {"input": "User: Context: ... Question: ...\\n\\nAssistant:",
+            |                                   "output": "<first gold answer>", "answers": [...], "id": ...}
+            |  SFTDataset(files, tokenizer)
+            v
+    one item = prompt tokens + answer tokens   labels = -100 on the prompt, the answer ids on the answer
+            |  SFTCollator(pad_id)
+            v
+    a batch of right-padded tensors             input_ids, labels, attention_mask (+ the texts, for EM/F1)
+
+Why "-100"? PyTorch's ``cross_entropy`` ignores targets equal to ``ignore_index=-100``. Giving the prompt
+tokens that label means the model is only trained to *produce the answer*, not to reproduce the context
+(the "answer-only loss" of instruction tuning). The labels here are aligned with ``input_ids``; the model
+shifts them by one position itself (token t predicts token t+1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import string
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label that ``torch.nn.functional.cross_entropy`` skips by default
+
+# --------------------------------------------------------------------------------------------------
+# 1. Acquisition: download (checked against the official sha256) or copy from a local folder
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SquadFile:
+    """One official SQuAD v1.1 file: where it lives, its checksum and what it must contain."""
+
+    split: str  # "train" or "dev"
+    filename: str
+    url: str
+    sha256: str
+    num_questions: int
+    num_articles: int
+
+
+_EXPLORER = "https://rajpurkar.github.io/SQuAD-explorer/dataset"
+SQUAD_FILES: dict[str, SquadFile] = {
+    "train": SquadFile("train", "train-v1.1.json", f"{_EXPLORER}/train-v1.1.json",
+                       "3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955", 87_599, 442),
+    "dev": SquadFile("dev", "dev-v1.1.json", f"{_EXPLORER}/dev-v1.1.json",
+                     "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9", 10_570, 48),
+}
+SQUAD_SOURCE_ENV = "SQUAD_SOURCE_DIR"  # environment variable naming a folder with local SQuAD copies
+
+
+@contextlib.contextmanager
+def atomic_write(dest: Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file next to ``dest``; on success rename it to ``dest``, on any error delete it.
+
+    ``os.replace`` is atomic on one file system, so a reader sees either the old file, the complete new
+    one, or nothing -- never a truncated download or a half-written jsonl after a crash or Ctrl-C.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary data file
+        os.replace(tmp, dest)
+    except BaseException:  # includes KeyboardInterrupt: never leave the .part file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def download_file(url: str, dest: str | Path, sha256: str | None = None, chunk_size: int = 1 << 20) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar, checking the sha256 of the bytes if given.
+
+    The checksum is computed while streaming, before the file is renamed into place, so a corrupted or
+    tampered download raises ``ValueError`` and leaves nothing behind.
+    """
+    from tqdm.auto import tqdm  # imported here: only the download path needs it
+
+    dest = Path(dest)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url) as response, atomic_write(dest) as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(chunk_size):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(f"checksum mismatch for {url}: sha256 {digest.hexdigest()}, expected {sha256}; "
+                             f"the download was discarded (nothing written to {dest})")
+    return dest
+
+
+def _find_local_copy(source: Path, filename: str) -> Path:
+    """``<source>/<filename>`` or its gzipped twin ``<filename>.gz``."""
+    for candidate in (source / filename, source / f"{filename}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{source}: neither {filename} nor {filename}.gz found in the SQuAD source folder")
+
+
+def _read_maybe_gzipped(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def copy_local_squad(source_file: Path, dest: Path, spec: SquadFile) -> Path:
+    """Copy (and gunzip) a local SQuAD file to ``dest`` after checking its structure and counts.
+
+    A local copy may legitimately differ byte-for-byte from the official file (the shared copy is a
+    faithful reconstruction, see its SOURCE.md), so it is validated by *content*: the v1.1 JSON structure
+    and the official numbers of articles and questions.
+    """
+    raw = _read_maybe_gzipped(source_file)
+    validate_squad(_parse_json_bytes(raw, source_file), spec, source_file)
+    with atomic_write(dest) as out:
+        out.write(raw)
+    return dest
+
+
+def download_squad(data_dir: str | Path, source: str | Path | None = None) -> dict[str, Path]:
+    """Get ``train-v1.1.json`` and ``dev-v1.1.json`` into ``<data_dir>/SQuAD/``; return their paths.
+
+    Files already present are kept as they are. Otherwise they are copied from ``source`` (or the folder in
+    the ``SQUAD_SOURCE_DIR`` environment variable) when one is given -- plain ``.json`` or ``.json.gz`` --
+    and downloaded from the SQuAD explorer site, with the official sha256 checked, when none is.
+    """
+    squad_dir = Path(data_dir) / "SQuAD"
+    squad_dir.mkdir(parents=True, exist_ok=True)
+    source = source if source is not None else os.environ.get(SQUAD_SOURCE_ENV) or None
+    paths = {}
+    for split, spec in SQUAD_FILES.items():
+        dest = squad_dir / spec.filename
+        if dest.exists():
+            print(f"{dest}: already present, skipped")
+        elif source is not None:
+            local = _find_local_copy(Path(source), spec.filename)
+            print(f"{dest}: copying from {local}")
+            copy_local_squad(local, dest, spec)
+        else:
+            print(f"{dest}: downloading {spec.url}")
+            download_file(spec.url, dest, sha256=spec.sha256)
+        paths[split] = dest
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Preprocessing: SQuAD JSON -> the seed's jsonl format
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_json_bytes(raw: bytes, path: Path) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def validate_squad(squad: Any, spec: SquadFile, path: str | Path) -> None:
+    """Check the SQuAD v1.1 layout ``data[].paragraphs[].qas[].answers[].text`` and the official counts."""
+    def fail(where: str, what: str) -> None:
+        raise ValueError(f"{path}: not a SQuAD v1.1 {spec.split} file: {where}: {what}")
+
+    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+        fail("top level", "expected an object with a 'data' list")
+    num_questions = 0
+    for a, article in enumerate(squad["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            fail(f"data[{a}]", "expected an object with a 'paragraphs' list")
+        for p, paragraph in enumerate(article["paragraphs"]):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(paragraph.get("context"), str) or not isinstance(paragraph.get("qas"), list):
+                fail(where, "expected a 'context' string and a 'qas' list")
+            for q, qa in enumerate(paragraph["qas"]):
+                answers = qa.get("answers")
+                if not isinstance(qa.get("question"), str) or not isinstance(qa.get("id"), str):
+                    fail(f"{where}.qas[{q}]", "expected 'question' and 'id' strings")
+                if not answers or not all(isinstance(x, dict) and isinstance(x.get("text"), str) and x["text"]
+                                          for x in answers):
+                    fail(f"{where}.qas[{q}]", "expected a non-empty 'answers' list of {'text': ...}")
+                num_questions += 1
+    counts = (len(squad["data"]), num_questions)
+    if counts != (spec.num_articles, spec.num_questions):
+        fail("counts", f"{counts[0]:,} articles / {counts[1]:,} questions, "
+                       f"expected {spec.num_articles:,} / {spec.num_questions:,}")
+
+
+def load_squad(path: str | Path, split: str) -> dict:
+    """Read and validate an official-format SQuAD v1.1 JSON file (``split`` is "train" or "dev")."""
+    path = Path(path)
+    squad = _parse_json_bytes(_read_maybe_gzipped(path), path)
+    validate_squad(squad, SQUAD_FILES[split], path)
+    return squad
+
+
+def format_squad_input(context: str, question: str) -> str:
+    """The seed's prompt text. Stray whitespace around the context and question is removed: about 3% of
+    SQuAD questions end with a space, which would otherwise land right before the answer cue."""
+    return f"User: Context: {context.strip()} Question: {question.strip()}\n\nAssistant:"
+
+
+def squad_to_records(squad: dict, with_answers: bool) -> list[dict]:
+    """Flatten SQuAD into SFT records, in file order: train on ``answers[0]``, keep all golds for EM/F1."""
+    records = []
+    for article in squad["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                golds = [answer["text"] for answer in qa["answers"]]
+                record = {"input": format_squad_input(paragraph["context"], qa["question"]),
+                          "output": golds[0]}
+                if with_answers:
+                    record["answers"] = golds
+                record["id"] = qa["id"]
+                records.append(record)
+    return records
+
+
+def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
+    """Write one JSON object per line (UTF-8, no ``\\u`` escapes), atomically and byte-for-byte repeatable."""
+    path = Path(path)
+    with atomic_write(path, "w") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+SHORT_TRAIN_SIZE, SHORT_VAL_SIZE = 200, 20  # the seed's quick subsets
+
+
+def prepare_squad(data_dir: str | Path = "data", source: str | Path | None = None) -> dict[str, Path]:
+    """Download or copy SQuAD v1.1, then write the jsonl files the tutorial trains and evaluates on.
+
+    Returns the paths under ``<data_dir>/SQuAD/``, keyed ``train``, ``val``, ``short_train``, ``short_val``.
+    Running it again rewrites the same bytes (the order is the file order, nothing is random).
+    """
+    raw = download_squad(data_dir, source=source)
+    squad_dir = Path(data_dir) / "SQuAD"
+    train = squad_to_records(load_squad(raw["train"], "train"), with_answers=False)
+    val = squad_to_records(load_squad(raw["dev"], "dev"), with_answers=True)
+    outputs = {
+        "train": (train, squad_dir / "squad_train.jsonl"),
+        "val": (val, squad_dir / "squad_val.jsonl"),
+        "short_train": (train[:SHORT_TRAIN_SIZE], squad_dir / "squad_short_train.jsonl"),
+        "short_val": (val[:SHORT_VAL_SIZE], squad_dir / "squad_short_val.jsonl"),
+    }
+    paths = {}
+    for name, (records, path) in outputs.items():
+        paths[name] = write_jsonl(records, path)
+        print(f"{name:>11}: {len(records):>6,} examples -> {path}")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. SFT dataset: prompt template, truncation, answer-only labels
+# --------------------------------------------------------------------------------------------------
+
+
+class TokenizerLike(Protocol):
+    """What the dataset needs from a tokenizer (``lora_tutorial.tokenizer.Tokenizer`` fits)."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A template such as ``"{input} {output}"``, split where the loss starts.
+
+    ``prompt_segments`` is the template before ``{output}`` with its trailing whitespace removed, and
+    ``separator`` is that whitespace. The separator belongs to the *answer*: byte-level BPE glues a space
+    to the word after it (``" Paris"`` is the single token ``"ĠParis"``), so ``" Paris"`` tokenized on its
+    own gives the same ids as inside the full text, and the label mask falls exactly on the answer's tokens.
+    """
+
+    text: str
+    prompt_segments: tuple[tuple[str, str | None], ...]  # (literal text, field name or None), in order
+    separator: str
+
+    @property
+    def fields(self) -> list[str]:
+        """The jsonl keys the template reads, ``output`` included."""
+        return [name for _, name in self.prompt_segments if name] + ["output"]
+
+    @classmethod
+    def parse(cls, template: str) -> PromptTemplate:
+        """Validate ``template``: plain ``{name}`` placeholders, and exactly one ``{output}``, at the end."""
+        try:
+            parsed = list(string.Formatter().parse(template))  # [(literal, field, spec, conversion), ...]
+        except ValueError as err:
+            raise ValueError(f"prompt_template {template!r}: {err}") from None
+        if not parsed or parsed[-1][1] != "output":
+            raise ValueError(f"prompt_template {template!r} must end with '{{output}}': the answer-only loss "
+                             "splits the template into the prompt before {output} and the answer")
+        segments = []
+        for literal, name, spec, conversion in parsed[:-1]:
+            if name is not None and (not name.isidentifier() or spec or conversion):
+                raise ValueError(f"prompt_template {template!r}: placeholders must be plain {{field}} names, "
+                                 f"got {{{name}{'!' + conversion if conversion else ''}"
+                                 f"{':' + spec if spec else ''}}}")
+            if name == "output":
+                raise ValueError(f"prompt_template {template!r}: {{output}} may appear only once, at the end")
+            segments.append((literal, name))
+        # The text right before {output}: its trailing whitespace becomes the separator (class docstring).
+        before_output = parsed[-1][0]
+        stripped = before_output.rstrip()
+        segments.append((stripped, None))
+        return cls(template, tuple(segments), before_output[len(stripped):])
+
+
+# For the seed's SQuAD input the truncatable part is the context, between these two markers. The body
+# keeps its leading space (" The city ...") and the suffix starts with " Question:", so each cut falls where
+# the BPE pre-tokenizer splits anyway and tokenizing the pieces separately equals tokenizing the whole.
+_CONTEXT_PATTERN = re.compile(r"^(?P<head>.*?Context:)(?P<body>.*?)(?P<tail> Question:.*)$", re.DOTALL)
+
+
+def split_truncatable(value: str) -> tuple[str, str, str]:
+    """Split a field into (head, body, tail) where only ``body`` may be shortened.
+
+    For the SQuAD input ``"User: Context: <c> Question: <q>\\n\\nAssistant:"`` the body is `` <c>``, so the
+    question always survives; for any other text the whole value is the body.
+    """
+    match = _CONTEXT_PATTERN.match(value)
+    if match is None:
+        return "", value, ""
+    return match["head"], match["body"], match["tail"]
+
+
+def _token_upper_bound(text: str) -> int:
+    """A cheap bound on ``len(tokenizer.encode(text))`` without tokenizing.
+
+    Every byte-level BPE token stands for at least one byte of UTF-8 text (a sentencepiece tokenizer may
+    also add one "dummy prefix" token), so the token count is at most the byte count + 1.
+    """
+    return len(text.encode("utf-8")) + 1 if text else 0
+
+
+@dataclass
+class _Encoded:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    prompt_text: str
+    truncated: bool
+
+
+def read_jsonl(path: str | Path, required: Sequence[str]) -> list[tuple[int, dict]]:
+    """Parse a jsonl file strictly; return ``(line number, record)`` pairs.
+
+    Every problem raises ``ValueError("<file>:<line>: ...")`` -- nothing is skipped silently, because a
+    silently dropped example is a bug nobody sees. ``required`` are the keys that must be strings
+    (``output`` must also be non-blank); ``answers``, when present, must be a list of non-empty strings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: jsonl file not found")
+    examples = []
+    # Read bytes and split on b"\n" only: JSON escapes newlines inside strings, whereas text-mode
+    # ``splitlines`` would also break on characters like U+2028 that ensure_ascii=False leaves raw.
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                raise ValueError(f"{where}: blank line (one JSON object per line; only a final newline "
+                                 "is allowed)")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for key in required:
+                if key not in record:
+                    raise ValueError(f"{where}: missing field {key!r} (the prompt template needs "
+                                     f"{', '.join(map(repr, required))})")
+                if not isinstance(record[key], str):
+                    raise ValueError(f"{where}: field {key!r} must be a string, "
+                                     f"got {type(record[key]).__name__}")
+            if not record["output"].strip():
+                raise ValueError(f"{where}: empty 'output' (nothing to learn)")
+            answers = record.get("answers")
+            if answers is not None and not (isinstance(answers, list) and answers
+                                            and all(isinstance(a, str) and a for a in answers)):
+                raise ValueError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+            examples.append((lineno, record))
+    if not examples:
+        raise ValueError(f"{path}:1: empty file, expected one JSON object per line")
+    return examples
+
+
+def _check_probabilities(probabilities: Sequence[float], num_files: int) -> list[float]:
+    probabilities = [float(p) for p in probabilities]
+    if len(probabilities) != num_files:
+        raise ValueError(f"concat_sampling_probabilities has {len(probabilities)} values for {num_files} "
+                         "files; give one probability per file")
+    if any(p < 0 for p in probabilities):
+        raise ValueError(f"concat_sampling_probabilities must be >= 0, got {probabilities}")
+    if abs(sum(probabilities) - 1.0) > 1e-6:
+        raise ValueError(f"concat_sampling_probabilities must sum to 1 (within 1e-6), got {probabilities} "
+                         f"(sum {sum(probabilities)})")
+    return probabilities
+
+
+def allocate_samples(num_samples: int, probabilities: Sequence[float]) -> list[int]:
+    """Split ``num_samples`` into per-file counts proportional to ``probabilities``, summing exactly.
+
+    Largest-remainder rounding: everybody gets ``floor(p * n)``, the leftovers go to the largest
+    fractional parts (ties to the earlier file). So 10 samples at [0.75, 0.25] give [8, 2] every time.
+    """
+    exact = [p * num_samples for p in probabilities]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: num_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def build_sample_index(file_sizes: Sequence[int], probabilities: Sequence[float], num_samples: int,
+                       seed: int) -> list[tuple[int, int]]:
+    """``num_samples`` (file, row) pairs mixing the files by ``probabilities``, reproducible from ``seed``.
+
+    Each file contributes its exact share (see ``allocate_samples``), walking through seeded permutations
+    of its rows (a file asked for more rows than it has is repeated, epoch by epoch); then the draws of all
+    files are shuffled together, so a batch mixes them too.
+    """
+    rng = random.Random(seed)
+    draws = []
+    for f, (size, count) in enumerate(zip(file_sizes, allocate_samples(num_samples, probabilities))):
+        rows: list[int] = []
+        while len(rows) < count:
+            epoch = list(range(size))
+            rng.shuffle(epoch)
+            rows.extend(epoch)
+        draws.extend((f, row) for row in rows[:count])
+    rng.shuffle(draws)
+    return draws
+
+
+class SFTDataset(Dataset):
+    """Prompt/answer examples from jsonl files, tokenized for causal-LM fine-tuning.
+
+    Each item is a dict::
+
+        input_ids   [bos] + prompt ids + answer ids + [eos]        (at most ``max_seq_length`` ids)
+        labels      -100 on bos and prompt, the ids on answer + eos (or a copy of input_ids when
+                    ``answer_only_loss=False``); aligned with input_ids, not shifted
+        prompt_len  how many leading ids are prompt (bos included): input_ids[:prompt_len] is what a
+                    generator is fed at evaluation time
+        prompt      the prompt text (after truncation), output / answers / input / id: the raw fields
+
+    ``num_truncated`` is how many examples (file lines) are longer than ``max_seq_length`` and get their
+    ``truncation_field`` body cut; it is logged once as a warning when not zero.
+
+    Examples are read and validated when the dataset is built (errors name file and line) and tokenized
+    lazily in ``__getitem__`` -- tokenizing all of SQuAD train up front would take half a minute. Which
+    examples need truncation is still known up front: an example whose UTF-8 byte count already fits in
+    ``max_seq_length`` cannot have more tokens than that, so only the few long ones are tokenized early.
+    """
+
+    def __init__(
+        self,
+        file_names: str | Path | Sequence[str | Path],
+        tokenizer: TokenizerLike,
+        max_seq_length: int = 2048,
+        prompt_template: str = "{input} {output}",
+        add_bos: bool = False,
+        add_eos: bool = True,
+        truncation_field: str | None = "input",
+        answer_only_loss: bool = True,
+        concat_sampling_probabilities: Sequence[float] | None = None,
+        num_samples: int | None = None,
+        seed: int = 1234,
+    ) -> None:
+        if isinstance(file_names, (str, Path)):
+            file_names = [file_names]
+        self.file_names = [Path(f) for f in file_names]
+        if not self.file_names:
+            raise ValueError("SFTDataset needs at least one jsonl file")
+        if max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.template = PromptTemplate.parse(prompt_template)
+        self.add_bos, self.add_eos = add_bos, add_eos
+        self.answer_only_loss = answer_only_loss
+        self.truncation_field = self._check_truncation_field(truncation_field)
+        if concat_sampling_probabilities is not None:  # validate before the (slower) file reading
+            concat_sampling_probabilities = _check_probabilities(concat_sampling_probabilities,
+                                                                 len(self.file_names))
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+
+        self.examples = [read_jsonl(f, self.template.fields) for f in self.file_names]
+        sizes = [len(rows) for rows in self.examples]
+        if concat_sampling_probabilities is None and num_samples is None:
+            self.index = [(f, row) for f, size in enumerate(sizes) for row in range(size)]
+        else:  # without explicit probabilities, files are weighted by their sizes
+            probabilities = concat_sampling_probabilities or [size / sum(sizes) for size in sizes]
+            self.index = build_sample_index(sizes, probabilities, num_samples or sum(sizes), seed)
+
+        self.num_truncated = self._count_truncated()
+        if self.num_truncated:
+            logger.warning("%s: %d of %d examples are longer than max_seq_length=%d tokens; their %r text "
+                           "is cut from its end (in the SQuAD input: the end of the context)",
+                           ", ".join(f.name for f in self.file_names), self.num_truncated, sum(sizes),
+                           max_seq_length, self.truncation_field)
+
+    def _check_truncation_field(self, field: str | None) -> str | None:
+        names = [name for _, name in self.template.prompt_segments if name]
+        if field is not None and names.count(field) != 1:
+            raise ValueError(f"truncation_field {field!r} must appear exactly once in the prompt part of "
+                             f"prompt_template {self.template.text!r}")
+        return field
+
+    def _where(self, f: int, row: int) -> str:
+        return f"{self.file_names[f]}:{self.examples[f][row][0]}"
+
+    def _count_truncated(self) -> int:
+        """How many distinct examples (file lines) must be truncated; raises for those that cannot fit."""
+        specials = int(self.add_bos) + int(self.add_eos)
+        count = 0
+        for f, rows in enumerate(self.examples):
+            for row, (_, record) in enumerate(rows):
+                pieces = [*self._render_prompt(record), self.template.separator + record["output"]]
+                if sum(map(_token_upper_bound, pieces)) + specials <= self.max_seq_length:
+                    continue  # certainly fits: no need to tokenize it now
+                count += self._encode(f, row).truncated
+        return count
+
+    def _render_prompt(self, record: dict) -> tuple[str, str, str]:
+        """The prompt as (prefix, truncatable body, suffix) text."""
+        left, right, body = [], [], ""
+        side = left
+        for literal, name in self.template.prompt_segments:
+            side.append(literal)
+            if name is None:
+                continue
+            if name == self.truncation_field:
+                head, body, tail = split_truncatable(record[name])
+                left.append(head)
+                side = right
+                side.append(tail)
+            else:
+                side.append(record[name])
+        return "".join(left), body, "".join(right)
+
+    def _encode(self, f: int, row: int) -> _Encoded:
+        """Tokenize one example piece by piece, cutting the body's last tokens if the whole is too long."""
+        record = self.examples[f][row][1]
+        tok = self.tokenizer
+        prefix, body, suffix = self._render_prompt(record)
+        encode = lambda text: tok.encode(text) if text else []  # noqa: E731 (encode("") -> [])
+        prefix_ids, body_ids, suffix_ids = encode(prefix), encode(body), encode(suffix)
+        answer_ids = encode(self.template.separator + record["output"])
+        bos = [tok.bos_id] if self.add_bos else []
+        eos = [tok.eos_id] if self.add_eos else []
+        fixed = len(bos) + len(prefix_ids) + len(suffix_ids) + len(answer_ids) + len(eos)
+        room = self.max_seq_length - fixed
+        if room < 0:
+            raise ValueError(f"{self._where(f, row)}: example does not fit in max_seq_length="
+                             f"{self.max_seq_length} even with an empty {self.truncation_field!r} body "
+                             f"({fixed} tokens outside it); raise max_seq_length or shorten the example")
+        truncated = len(body_ids) > room
+        if truncated:
+            body_ids = body_ids[:room]
+            body = tok.decode(body_ids)
+        return _Encoded(bos + prefix_ids + body_ids + suffix_ids, answer_ids + eos, prefix + body + suffix,
+                        truncated)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        f, row = self.index[i]
+        record = self.examples[f][row][1]
+        enc = self._encode(f, row)
+        input_ids = enc.prompt_ids + enc.answer_ids
+        if self.answer_only_loss:
+            labels = [IGNORE_INDEX] * len(enc.prompt_ids) + list(enc.answer_ids)
+        else:
+            labels = list(input_ids)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "prompt_len": len(enc.prompt_ids),
+            "prompt": enc.prompt_text,
+            "truncated": enc.truncated,
+            "input": record.get("input"),
+            "output": record["output"],
+            "answers": list(record.get("answers") or [record["output"]]),
+            "id": record.get("id"),
+        }
+
+    def collate_fn(self, batch: Sequence[dict]) -> dict[str, Any]:
+        """``DataLoader(dataset, collate_fn=dataset.collate_fn)``: pads with the tokenizer's pad id."""
+        return SFTCollator(self.tokenizer.pad_id)(batch)
+
+
+class SFTCollator:
+    """Stack items into right-padded tensors, as long as the longest item of the batch (dynamic padding).
+
+    Right padding suits training: real tokens start at position 0 so positions match those of an unpadded
+    sequence, and the padded tail is excluded twice -- ``attention_mask`` 0 and ``labels`` -100.
+    (Batched *generation* wants left padding instead, so all prompts end at the same column.)
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: Sequence[dict]) -> dict[str, Any]:
+        if not batch:
+            raise ValueError("SFTCollator: empty batch")
+        longest = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for b, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[b, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.tensor(item["labels"], dtype=torch.long)
+            attention_mask[b, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "prompt_lens": torch.tensor([item["prompt_len"] for item in batch], dtype=torch.long),
+            "prompts": [item["prompt"] for item in batch],
+            "answers": [item["answers"] for item in batch],
+            "outputs": [item["output"] for item in batch],
+        }
