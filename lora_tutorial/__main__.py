@@ -46,14 +46,14 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import train_from_config
+    from .workflow import train_from_config
 
     train_from_config(args.config, args.overrides)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .training import evaluate_from_config
+    from .workflow import evaluate_from_config
 
     evaluate_from_config(args.config, args.overrides)
     return 0

@@ -1,0 +1,226 @@
+"""``SFTModel``: the LightningModule that fine-tunes a base model with PEFT (NeMo's ``MegatronGPTSFTModel``).
+
+It holds the base ``GPT`` (``self.model``), its tokenizer and the config, and mirrors the seed's flow::
+
+    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg, trainer)
+    model.add_adapter(LoraPEFTConfig(cfg.model))
+    trainer.fit(model)                                  # answer-only loss; val_loss and EM/F1
+    ...
+    model.load_adapters(path)
+    model.set_inference_config(OmegaConf.to_container(cfg.inference))
+    response = trainer.predict(model, dataloader)       # batches of {"sentences", "answers", ...}
+
+Lightning does the loop, devices, precision, accumulation, clipping and checkpointing; this file only
+says what one step computes and where the data comes from. Checkpoints keep only the trainable (adapter)
+tensors: the frozen base is reloaded from its own file, so a checkpoint is megabytes, not 540 MB.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from .checkpoints import load_base_model
+from .config import default_config
+from .data import SFTDataset
+from .generation import generate_ids
+from .metrics import clean_prediction, score_predictions
+from .model import GPT
+from .sampler import ResumableRandomSampler
+from .tokenizer import Tokenizer
+
+_CHAT_PREFIX, _CHAT_SUFFIX = "User: ", "\n\nAssistant:"
+
+
+class SFTModel(pl.LightningModule):
+    """Supervised fine-tuning of ``GPT`` with answer-only loss and SQuAD EM/F1 validation."""
+
+    def __init__(self, cfg: DictConfig, model: GPT, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model.train()  # loaders return eval mode; Lightning switches modes from here on
+        self.tokenizer = tokenizer
+        self.inference_cfg: dict[str, Any] = OmegaConf.to_container(cfg.inference, resolve=True)
+        self.strict_loading = False  # checkpoints hold the adapter tensors only
+        self._val_predictions: list[str] = []
+        self._val_references: list[list[str]] = []
+
+    # -- construction, as in NeMo ---------------------------------------------------------------
+
+    @classmethod
+    def restore_from(cls, restore_path: str | None = None, cfg: DictConfig | None = None,
+                     trainer: pl.Trainer | None = None, dtype: torch.dtype = torch.float32) -> "SFTModel":
+        """Load the base model (name, .gguf or HF directory) and wrap it.
+
+        ``trainer`` is accepted for NeMo compatibility; Lightning attaches the trainer in ``fit``/``predict``.
+        """
+        cfg = cfg if cfg is not None else default_config()
+        model, tokenizer = load_base_model(restore_path or cfg.model.restore_from_path, dtype=dtype)
+        return cls(cfg, model, tokenizer)
+
+    def add_adapter(self, peft_cfgs) -> Any:
+        """Freeze the base and insert the PEFT modules (``lora_tutorial.peft.add_adapter``); returns the summary."""
+        from .peft import add_adapter
+
+        return add_adapter(self.model, peft_cfgs)
+
+    def load_adapters(self, path: str, peft_cfgs=None) -> None:
+        """Load an adapter file written by training (the PEFT configs are stored in it)."""
+        from .peft import load_adapters
+
+        load_adapters(self.model, path)
+
+    def set_inference_config(self, inference_cfg: dict | DictConfig) -> None:
+        if isinstance(inference_cfg, DictConfig):
+            inference_cfg = OmegaConf.to_container(inference_cfg, resolve=True)
+        unknown = set(inference_cfg) - set(self.inference_cfg)
+        if unknown:
+            raise ValueError(f"set_inference_config: unknown key(s) {sorted(unknown)}; "
+                             f"expected some of {sorted(self.inference_cfg)}")
+        self.inference_cfg.update(inference_cfg)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def build_dataset(self, ds_cfg: DictConfig, is_train: bool = False) -> SFTDataset:
+        """An ``SFTDataset`` from one ``model.data.*_ds`` section."""
+        files = list(ds_cfg.file_names) if not isinstance(ds_cfg.file_names, str) else [ds_cfg.file_names]
+        dataset = SFTDataset(
+            files, self.tokenizer, max_seq_length=ds_cfg.max_seq_length, prompt_template=ds_cfg.prompt_template,
+            add_bos=ds_cfg.add_bos, add_eos=ds_cfg.add_eos, truncation_field=ds_cfg.truncation_field,
+            answer_only_loss=ds_cfg.answer_only_loss,
+            concat_sampling_probabilities=ds_cfg.concat_sampling_probabilities if is_train else None,
+            num_samples=ds_cfg.num_samples if is_train else None, seed=self.cfg.model.seed)
+        if ds_cfg.limit:
+            dataset = torch.utils.data.Subset(dataset, range(min(ds_cfg.limit, len(dataset))))
+            dataset.collate_fn = dataset.dataset.collate_fn
+        return dataset
+
+    def build_dataloader(self, ds_cfg: DictConfig, is_train: bool = False, dataset=None) -> DataLoader:
+        dataset = dataset if dataset is not None else self.build_dataset(ds_cfg, is_train)
+        batch_size = ds_cfg.micro_batch_size or self.cfg.model.micro_batch_size
+        sampler = self._train_sampler(len(dataset)) if is_train else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate_fn,
+                          num_workers=ds_cfg.num_workers, persistent_workers=ds_cfg.num_workers > 0)
+
+    def _train_sampler(self, size: int) -> ResumableRandomSampler:
+        """Exactly the examples the remaining optimizer steps need, starting after those already seen."""
+        trainer = self.trainer
+        micro = self.cfg.model.micro_batch_size
+        per_step = micro * trainer.accumulate_grad_batches
+        max_steps = trainer.max_steps if trainer.max_steps > 0 else math.ceil(
+            (trainer.max_epochs or 1) * size / (per_step * trainer.world_size))
+        start = self.global_step * per_step
+        return ResumableRandomSampler(size, max_steps * per_step - start, seed=self.cfg.model.seed, start=start,
+                                      rank=trainer.global_rank, world_size=trainer.world_size,
+                                      shuffle=self.cfg.model.data.train_ds.shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.build_dataloader(self.cfg.model.data.train_ds, is_train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.build_dataloader(self.cfg.model.data.validation_ds)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Batches are right-padded: under causal attention real tokens never look at the pads to their
+        # right, and pad labels are -100, so no attention mask is needed (the fast causal kernel runs).
+        loss = self.model.loss(batch["input_ids"], batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model.loss(batch["input_ids"], batch["labels"])
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self.cfg.model.data.validation_ds.metric == "squad":
+            tokens = self.cfg.model.data.validation_ds.tokens_to_generate
+            self._val_predictions += self.generate_answers(batch, tokens_to_generate=tokens, greedy=True)
+            self._val_references += batch["answers"]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_predictions:
+            scores = score_predictions(self._val_predictions, self._val_references)
+            self.log("val_em", scores["exact_match"], prog_bar=True)
+            self.log("val_f1", scores["f1"], prog_bar=True)
+        self._val_predictions, self._val_references = [], []
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
+        """Generate with the inference config; ``sentences`` = prompt + answer (as NeMo), ``answers`` = answer."""
+        answers = self.generate_answers(batch)
+        return {"sentences": [p + " " + a for p, a in zip(batch["prompts"], answers)], "answers": answers,
+                "prompts": batch["prompts"], "golds": batch["answers"]}
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def prompt_ids(self, batch: dict, use_chat_template: bool = False) -> list[list[int]]:
+        """The token ids to generate from: each example's (possibly truncated) prompt."""
+        if not use_chat_template:
+            return [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lens"])]
+        chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": _as_chat_message(p)}])
+                 for p in batch["prompts"]]
+        return [self.tokenizer.encode(c) for c in chats]
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict, **overrides) -> list[str]:
+        """Answers (cleaned: first line, no special tokens) for one collated batch."""
+        opts = {**self.inference_cfg, **overrides}
+        prompts = self.prompt_ids(batch, opts.get("use_chat_template", False))
+        stop = [self.tokenizer.eos_id]
+        new_ids = generate_ids(self.model, prompts, tokens_to_generate=opts["tokens_to_generate"],
+                               greedy=opts["greedy"], temperature=opts["temperature"], top_k=opts["top_k"],
+                               top_p=opts["top_p"], repetition_penalty=opts["repetition_penalty"],
+                               stop_ids=stop, pad_id=self.tokenizer.pad_id)
+        return [clean_prediction(self.tokenizer.decode(ids)) for ids in new_ids]
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optim = self.cfg.model.optim
+        if optim.name.lower() not in {"adamw", "adam"}:
+            raise ValueError(f"model.optim.name={optim.name!r}; supported: adamw, adam")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: call add_adapter(...) before trainer.fit(model)")
+        cls = torch.optim.AdamW if optim.name.lower() == "adamw" else torch.optim.Adam
+        optimizer = cls(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = warmup_cosine(optim.sched.warmup_steps, total, optim.sched.min_lr / optim.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: adapter tensors only -------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _as_chat_message(prompt: str) -> str:
+    """The seed prompt "User: ... \\n\\nAssistant:" as the content of one chat message."""
+    return prompt.removeprefix(_CHAT_PREFIX).removesuffix(_CHAT_SUFFIX).strip()
+
+
+def collect_predictions(response: Sequence[dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Flatten ``trainer.predict`` batches into (answers, gold lists, prompts)."""
+    answers, golds, prompts = [], [], []
+    for batch in response:
+        answers += batch["answers"]
+        golds += batch["golds"]
+        prompts += batch["prompts"]
+    return answers, golds, prompts
