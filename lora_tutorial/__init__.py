@@ -3,9 +3,9 @@
 The notebooks call this package; nothing in them defines model, data or training code.
 """
 
-from .checkpoints import DEFAULT_MODEL, CheckpointError, load_base_model
+from .checkpoints import DEFAULT_MODEL, CheckpointError, load_base_model, load_tokenizer
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL", "CheckpointError", "GPT", "GPTConfig", "Tokenizer", "load_base_model"]
+__all__ = ["DEFAULT_MODEL", "CheckpointError", "GPT", "GPTConfig", "Tokenizer", "load_base_model", "load_tokenizer"]
 __version__ = "0.1.0"

@@ -72,6 +72,16 @@ def load_base_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:
+    """Only the tokenizer of a model (reads GGUF metadata or the HF directory's tokenizer files)."""
+    path = resolve_model_path(name_or_path)
+    if path.is_dir():
+        return tokenizer_from_hf_dir(path)
+    from gguf import GGUFReader
+
+    return tokenizer_from_gguf_fields(_gguf_fields(GGUFReader(str(path))))
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """Turn a known model name or a user path into an existing file or directory."""
     key = str(name_or_path)

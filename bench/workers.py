@@ -1,0 +1,192 @@
+"""Benchmark workers: each call runs in a fresh process so that peak RSS belongs to one implementation.
+
+    python bench/workers.py train  --impl ours|hf --micro 1 --steps 6
+    python bench/workers.py decode --impl ours|hf --batch 1 --tokens 30
+    python bench/workers.py lossparity
+    python bench/workers.py evaluate --n 500
+
+Each prints one JSON line (the last line of stdout). ``bench/run.py`` orchestrates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_FILE = REPO / "data/SQuAD/squad_short_train.jsonl"
+RANK, ALPHA = 32, 32
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def real_batches(tokenizer, micro: int, count: int) -> list[dict]:
+    """``count`` collated micro-batches of real SQuAD training examples (answer-only labels)."""
+    from lora_tutorial.data import SFTDataset
+
+    dataset = SFTDataset([TRAIN_FILE], tokenizer)
+    items = [dataset[i] for i in range(micro * count)]
+    return [dataset.collate_fn(items[i:i + micro]) for i in range(0, len(items), micro)]
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def ours_with_lora():
+    from lora_tutorial import load_base_model
+    from lora_tutorial.config import default_config
+    from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+
+    model, tokenizer = load_base_model()
+    add_adapter(model, LoraPEFTConfig(default_config().model), verbose=False)
+    return model.train(), tokenizer
+
+
+def hf_base():
+    import transformers
+    from lora_tutorial.checkpoints import resolve_model_path
+
+    transformers.logging.set_verbosity_error()
+    path = resolve_model_path("smollm2-135m-instruct")
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32)
+
+
+def hf_with_lora():
+    import peft
+
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+    return peft.get_peft_model(hf_base(), config).train()
+
+
+def hf_loss(model, batch) -> torch.Tensor:
+    """HF's own loss on the same batch: it shifts labels internally and ignores -100."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def ours_loss(model, batch) -> torch.Tensor:
+    return model.loss(batch["input_ids"], batch["labels"])
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def cmd_train(args) -> dict:
+    from lora_tutorial.checkpoints import load_tokenizer
+
+    model, tokenizer = ours_with_lora() if args.impl == "ours" else (hf_with_lora(), load_tokenizer())
+    loss_fn = ours_loss if args.impl == "ours" else hf_loss
+    batches = real_batches(tokenizer, args.micro, args.warmup + args.steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01)
+    tokens = examples = 0
+    for i, batch in enumerate(batches):
+        if i == args.warmup:
+            started = time.perf_counter()
+            tokens = examples = 0
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        examples += batch["input_ids"].shape[0]
+    seconds = time.perf_counter() - started
+    return {"impl": args.impl, "micro": args.micro, "tokens_per_s": tokens / seconds,
+            "examples_per_s": examples / seconds, "seconds": seconds, "tokens": tokens,
+            "trainable": sum(p.numel() for p in params), "peak_rss_mb": peak_rss_mb()}
+
+
+def cmd_decode(args) -> dict:
+    from lora_tutorial import load_base_model
+    from lora_tutorial.checkpoints import load_tokenizer
+    from lora_tutorial.generation import generate_ids
+
+    tokenizer = load_tokenizer()
+    prompt = json.loads(TRAIN_FILE.open().readline())["input"]
+    ids = tokenizer.encode(prompt)
+    batch = [ids] * args.batch
+    if args.impl == "ours":
+        ours, _ = load_base_model()
+        run = lambda: generate_ids(ours, batch, tokens_to_generate=args.tokens, stop_ids=())  # noqa: E731
+    else:
+        hf = hf_base().eval()
+        x = torch.tensor(batch)
+
+        def run():
+            with torch.no_grad():
+                return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.tokens,
+                                   min_new_tokens=args.tokens, do_sample=False, pad_token_id=2)
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return {"impl": args.impl, "batch": args.batch, "prompt_tokens": len(ids), "new_tokens": args.tokens,
+            "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "peak_rss_mb": peak_rss_mb()}
+
+
+def cmd_lossparity(args) -> dict:
+    """Our LoRA and PEFT's LoRA with the same A/B tensors give the same loss on the same real batches."""
+    ours, tokenizer = ours_with_lora()
+    hf = hf_with_lora()
+    torch.manual_seed(0)
+    c = ours.config
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    with torch.no_grad():
+        for i, block in enumerate(ours.blocks):
+            lora = block.attention.attention_qkv
+            lora.lora_B.normal_(0, 0.02)  # non-zero, so the adapters matter
+            attn = hf.base_model.model.model.layers[i].self_attn
+            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                getattr(attn, name).lora_A["default"].weight.copy_(lora.lora_A)
+                getattr(attn, name).lora_B["default"].weight.copy_(lora.lora_B[rows])
+    diffs = []
+    with torch.no_grad():
+        for batch in real_batches(tokenizer, 1, 4):
+            diffs.append(abs(float(ours_loss(ours, batch)) - float(hf_loss(hf, batch))))
+    return {"max_abs_loss_diff": max(diffs), "batches": len(diffs)}
+
+
+def cmd_evaluate(args) -> dict:
+    from lora_tutorial.config import load_config
+    from lora_tutorial.sft_model import SFTModel
+    from lora_tutorial.workflow import evaluate_quick
+
+    cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{REPO}/data/SQuAD/squad_val.jsonl]",
+                                                     f"model.data.test_ds.limit={args.n}"])
+    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
+    started = time.perf_counter()
+    result = evaluate_quick(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+    return {"n": args.n, "seconds": time.perf_counter() - started, **result["scores"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--impl", choices=["ours", "hf"], required=True)
+    train.add_argument("--micro", type=int, default=1)
+    train.add_argument("--steps", type=int, default=8)
+    train.add_argument("--warmup", type=int, default=2)
+    decode = sub.add_parser("decode")
+    decode.add_argument("--impl", choices=["ours", "hf"], required=True)
+    decode.add_argument("--batch", type=int, default=1)
+    decode.add_argument("--tokens", type=int, default=30)
+    decode.add_argument("--repeats", type=int, default=2)
+    sub.add_parser("lossparity")
+    evaluate = sub.add_parser("evaluate")
+    evaluate.add_argument("--n", type=int, default=500)
+    args = parser.parse_args()
+    result = {"train": cmd_train, "decode": cmd_decode, "lossparity": cmd_lossparity, "evaluate": cmd_evaluate}[args.cmd](args)
+    print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
