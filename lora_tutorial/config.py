@@ -86,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
             "peft_scheme": "lora",      # lora | adapter | ia3 | ptuning | lora,ptuning ...
             "restore_from_path": None,  # an adapter file to start from / evaluate
             "lora_tuning": {
-                "target_modules": ["attention_qkv"],
+                "target_modules": ["all"],  # see conf/peft_tuning.yaml for why not just attention_qkv
                 "adapter_dim": 32,
                 "alpha": 32,
                 "adapter_dropout": 0.0,
@@ -108,7 +108,7 @@ DEFAULTS: dict[str, Any] = {
         },
         "optim": {
             "name": "adamw",
-            "lr": 1e-4,
+            "lr": 6e-4,
             "weight_decay": 0.01,
             "betas": [0.9, 0.98],
             "sched": {"name": "CosineAnnealing", "warmup_steps": 0, "min_lr": 0.0},
