@@ -85,6 +85,8 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     device = model.wte.weight.device
     ids, mask = _left_pad(prompt_ids, pad_id, device)
     B = ids.shape[0]
+    if bool(mask.all()):
+        mask = None  # no padding: plain causal attention, no mask to build or apply at each step
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -107,7 +109,8 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
             if done.all():
                 break
             step_ids = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows' outputs are ignored
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows' outputs are ignored
     generated = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
     stop_set = set(stop_ids)
     results = []
