@@ -113,22 +113,26 @@ def _locate_in_wheel(distribution: str, filename: str) -> Path:
 
 
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> GPT:
-    """Instantiate ``GPT(config)`` without random init and load ``state`` into it strictly."""
+    """Instantiate ``GPT(config)`` and make ``state``'s tensors its parameters, checking names and shapes.
+
+    The model is built on the "meta" device (shapes only, no memory, no random init) and the loaded
+    tensors are *assigned* rather than copied, so loading never holds two copies of the weights.
+    """
     with torch.device("meta"):
         model = GPT(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
-    missing, extra = expected - state.keys(), state.keys() - expected
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not (config.tie_embeddings and k == "lm_head.weight")}
+    missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or extra:
         raise CheckpointError(f"weights do not fit the model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(extra)[:5]}")
-    for name, tensor in model.state_dict().items():
-        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"weight {name}: shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}")
-    model.load_state_dict(state, strict=False)
-    if config.position == "rope":  # buffers are not in the checkpoint: recompute them
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(f"weight {name}: shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:  # assign=True replaced wte.weight: tie the head to the new tensor
+        model.lm_head.weight = model.wte.weight
+    if config.position == "rope":  # buffers are not in the checkpoint: compute them
         from .model import rope_cache
 
         model.rope_cos, model.rope_sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
