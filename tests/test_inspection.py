@@ -366,6 +366,28 @@ def test_qa_demo_wires_the_knobs(tiny_sft):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def keep_log_levels():
+    """notebook_params() quiets Lightning's loggers for notebooks; put them back for the other tests."""
+    import logging
+
+    names = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+             "pytorch_lightning.accelerators.cuda", "lightning.pytorch.accelerators.cuda")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield names
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+
+
+def test_quiet_logs_silences_lightning_info(keep_log_levels):
+    import logging
+
+    tutorial.quiet_logs()
+    for name in keep_log_levels:
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+
+
+@pytest.mark.usefixtures("keep_log_levels")
 @pytest.mark.parametrize("value,quick", [("1", True), ("yes", True), ("", False), ("0", False), (None, False)])
 def test_notebook_params_reads_the_environment(monkeypatch, tmp_path, value, quick):
     if value is None:
@@ -388,12 +410,14 @@ def test_notebook_params_reads_the_environment(monkeypatch, tmp_path, value, qui
         assert len(log_dir) == 1 and log_dir[0].split("=", 1)[1] != p.lora_log_dir
 
 
+@pytest.mark.usefixtures("keep_log_levels")
 def test_notebook_params_moves_from_notebooks_to_the_root(monkeypatch):
     monkeypatch.chdir(REPO / "notebooks")
     tutorial.notebook_params(quick=True, verbose=False)
     assert Path.cwd() == REPO
 
 
+@pytest.mark.usefixtures("keep_log_levels")
 @pytest.mark.parametrize("quick", [True, False])
 def test_overrides_are_valid_config_keys(quick):
     p = tutorial.notebook_params(quick=quick, chdir=False, verbose=False)
@@ -481,3 +505,13 @@ def test_predict_base_and_tuned_runs_both_and_restores_the_config(tmp_path):
     for name, answers in out["answers"].items():
         assert out["scores"][name] == score_predictions(answers, out["golds"])
         assert out["seconds"][name] >= 0
+
+
+@pytest.mark.usefixtures("keep_log_levels")
+def test_trained_adapter_says_to_run_notebook_03_first():
+    import dataclasses
+
+    p = tutorial.notebook_params(quick=True, chdir=False, verbose=False)
+    missing = dataclasses.replace(p, lora_log_dir="experiments/no_such_run_for_this_test")
+    with pytest.raises(FileNotFoundError, match="run notebooks/03_training.ipynb first"):
+        missing.trained_adapter()
