@@ -120,6 +120,15 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     return results
 
 
+def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids that end an answer: EOS, and ``<|endoftext|>`` where the vocabulary has it."""
+    ids = {tokenizer.eos_id}
+    endoftext = tokenizer.token_to_id("<|endoftext|>")
+    if endoftext is not None:
+        ids.add(endoftext)
+    return sorted(ids)
+
+
 def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str] | str, tokens_to_generate: int = 30,
              greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, batch_size: int = 16, add_bos: bool = False,
@@ -132,17 +141,14 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str] | str, tok
     single = isinstance(prompts, str)
     prompt_list = [prompts] if single else list(prompts)
     encoded = [tokenizer.encode(p, add_bos=add_bos) for p in prompt_list]
-    stop_ids = {tokenizer.eos_id}
-    endoftext = tokenizer.token_to_id("<|endoftext|>")
-    if endoftext is not None:
-        stop_ids.add(endoftext)
+    stop_ids = stop_token_ids(tokenizer)
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(seed) if seed is not None else None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
         new_ids = generate_ids(model, [encoded[i] for i in batch], tokens_to_generate, greedy, temperature,
-                               top_k, top_p, repetition_penalty, sorted(stop_ids), tokenizer.pad_id,
+                               top_k, top_p, repetition_penalty, stop_ids, tokenizer.pad_id,
                                use_cache, generator)
         for i, ids in zip(batch, new_ids):
             texts[i] = tokenizer.decode(ids)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from .checkpoints import load_base_model
 from .config import default_config
 from .data import SFTDataset
-from .generation import generate_ids
+from .generation import generate_ids, stop_token_ids
 from .metrics import clean_prediction, score_predictions
 from .model import GPT
 from .sampler import ResumableRandomSampler
@@ -171,7 +171,7 @@ class SFTModel(pl.LightningModule):
         """Answers (cleaned: first line, no special tokens) for one collated batch."""
         opts = {**self.inference_cfg, **overrides}
         prompts = self.prompt_ids(batch, opts.get("use_chat_template", False))
-        stop = [self.tokenizer.eos_id]
+        stop = stop_token_ids(self.tokenizer)
         new_ids = generate_ids(self.model, prompts, tokens_to_generate=opts["tokens_to_generate"],
                                greedy=opts["greedy"], temperature=opts["temperature"], top_k=opts["top_k"],
                                top_p=opts["top_p"], repetition_penalty=opts["repetition_penalty"],

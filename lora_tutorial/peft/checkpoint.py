@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ def save_adapters(model: GPT, path: str | Path) -> Path:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(info)})
+    os.chmod(path, 0o644)  # safetensors creates files readable by the owner only
     return path
 
 
