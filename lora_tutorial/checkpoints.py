@@ -132,11 +132,12 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:  # assign=True replaced wte.weight: tie the head to the new tensor
         model.lm_head.weight = model.wte.weight
-    if config.position == "rope":  # buffers are not in the checkpoint: compute them
+    model = model.to(dtype)
+    if config.position == "rope":  # buffers are not in the checkpoint: compute them (float32 in any dtype)
         from .model import rope_cache
 
         model.rope_cos, model.rope_sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

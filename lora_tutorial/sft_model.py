@@ -31,6 +31,7 @@ from .data import SFTDataset
 from .generation import generate_ids, stop_token_ids
 from .metrics import clean_prediction, score_predictions
 from .model import GPT
+from .precision import cast_frozen_weights
 from .sampler import ResumableRandomSampler
 from .tokenizer import Tokenizer
 
@@ -83,6 +84,17 @@ class SFTModel(pl.LightningModule):
             raise ValueError(f"set_inference_config: unknown key(s) {sorted(unknown)}; "
                              f"expected some of {sorted(self.inference_cfg)}")
         self.inference_cfg.update(inference_cfg)
+
+    def setup(self, stage: str) -> None:
+        """Under ``bf16-mixed`` / ``16-mixed``, store the frozen weights in that dtype (see precision.py).
+
+        Autocast would round them at every matmul anyway; stored rounded they take half the memory and
+        skip that conversion. The adapters, added before ``fit``/``predict``, stay float32.
+        """
+        dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+        dtype = dtypes.get(str(self.trainer.precision))
+        if dtype is not None:
+            cast_frozen_weights(self.model, dtype)
 
     # -- data ----------------------------------------------------------------------------------
 

@@ -76,6 +76,21 @@ def test_fit_lowers_loss_and_writes_adapter(tiny_setup, tmp_path):
     assert "val_f1" in header and "val_loss" in header
 
 
+def test_bf16_mixed_fit_keeps_adapters_float32(tiny_setup, tmp_path):
+    overrides = tiny_overrides(tiny_setup, tmp_path, max_steps=12) + ["trainer.precision=bf16-mixed"]
+    result = train(load_config(REPO / "conf/peft_tuning.yaml", overrides))
+    model = result["model"].model
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dim() >= 2]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # stored rounded: half the memory
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    tensors = load_file(str(result["adapter"]))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("train_loss")
+    losses = [float(row.split(",")[col]) for row in lines[1:] if row.split(",")[col]]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+
+
 class CrashAt(Callback):
     """Simulates a crash (power loss, preemption) after ``step`` optimizer steps."""
 

@@ -1,0 +1,103 @@
+"""Mixed precision: bf16 frozen matrices, float32 adapters, residual stream and CPU attention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_tutorial.generation import generate_ids
+from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+from lora_tutorial.precision import autocast_for, cast_frozen_weights, weights_dtype
+
+from helpers import random_ids, tiny_llama_config, tiny_model
+
+
+def tiny_lora_model():
+    model = tiny_model(tiny_llama_config())
+    add_adapter(model, LoraPEFTConfig(None, target_modules=["attention_qkv", "mlp_fc1"], adapter_dim=4, alpha=4,
+                                      row_init_method="normal"), verbose=False)
+    return model
+
+
+def test_cast_frozen_weights_casts_only_frozen_matrices():
+    model = tiny_lora_model()
+    frozen_matrices = {id(p): p.numel() for p in model.parameters() if not p.requires_grad and p.dim() >= 2}
+    cast = cast_frozen_weights(model)
+    assert cast == sum(frozen_matrices.values())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name  # adapters: AdamW needs float32
+        elif p.dim() >= 2:
+            assert p.dtype == torch.bfloat16, name
+        else:
+            assert p.dtype == torch.float32, name  # norm gains
+    assert model.lm_head.weight is model.wte.weight  # still tied
+    assert weights_dtype(model) == torch.bfloat16
+    assert cast_frozen_weights(model) == 0  # idempotent
+
+
+def test_bf16_weights_give_the_autocast_loss_and_float32_gradients():
+    model = tiny_lora_model().train()
+    ids = random_ids(2, 12, model.config.vocab_size)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    fp32_loss = model.loss(ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = model.loss(ids, labels)
+    mixed = copy.deepcopy(model)
+    cast_frozen_weights(mixed)
+    mixed_loss = mixed.loss(ids, labels)  # no autocast here: the model switches it on for bf16 weights
+    # Storing the frozen matrices in bf16 changes nothing autocast did not already round (the embedding
+    # lookup aside), and both stay near the float32 loss.
+    assert abs(mixed_loss.item() - autocast_loss.item()) < 2e-2
+    assert abs(mixed_loss.item() - fp32_loss.item()) < 5e-2
+    mixed_loss.backward()
+    grads = [p.grad for p in mixed.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_cpu_autocast_keeps_attention_and_cache_in_float32():
+    model = tiny_model(tiny_llama_config())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 8)
+        hidden = model.hidden_states(random_ids(1, 5, model.config.vocab_size), cache=cache)
+    assert cache.keys[0].dtype == torch.float32
+    assert hidden.dtype == torch.float32  # the residual stream
+    assert cache.length == 5 and cache.keys[0][:, :, :5].abs().sum() > 0
+
+
+def test_autocast_for_is_a_no_op_for_float32_models():
+    model = tiny_model(tiny_llama_config())
+    with autocast_for(model):
+        assert not torch.is_autocast_enabled("cpu")
+    model = model.to(torch.bfloat16)
+    with autocast_for(model):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bf16_cached_generation_matches_its_own_uncached_generation(padded):
+    model = tiny_model(tiny_llama_config()).to(torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]] if padded else [[5, 6, 7, 8, 9]]
+    cached = generate_ids(model, prompts, tokens_to_generate=6)
+    uncached = generate_ids(model, prompts, tokens_to_generate=6, use_cache=False)
+    assert cached == uncached and all(len(row) == 6 for row in cached)
+
+
+def test_bf16_smollm2_agrees_with_float32(smollm2):
+    """The real model in bf16 predicts the same next token almost everywhere, and still answers."""
+    model, tokenizer = smollm2
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.tensor([tokenizer.encode("The Eiffel Tower is in Paris, the capital of France. It was built in "
+                                         "1889 for the World's Fair and is 330 metres tall.")])
+    with torch.no_grad():
+        top_fp32 = model(ids).argmax(-1)
+        top_bf16 = bf16(ids).argmax(-1)
+    agreement = (top_fp32 == top_bf16).float().mean().item()
+    assert agreement >= 0.9, agreement
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    answer = tokenizer.decode(generate_ids(bf16, [tokenizer.encode(chat)], tokens_to_generate=12,
+                                           stop_ids=[tokenizer.eos_id])[0])
+    assert "Paris" in answer
