@@ -20,11 +20,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoints import load_base_model
     from .generation import generate
 
-    model, tokenizer = load_base_model(args.model)
+    import torch
+
+    model, tokenizer = load_base_model(args.model, dtype=torch.float32 if args.precision == "32" else torch.bfloat16)
     if args.adapter:
         from .peft import load_adapters
 
         load_adapters(model, args.adapter)
+    if args.precision == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model.requires_grad_(False))
     prompt = args.prompt if args.raw else tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     started = time.perf_counter()
     text = generate(model, tokenizer, prompt, tokens_to_generate=args.tokens_to_generate,
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--precision", choices=["32", "bf16", "int8"], default="32",
+                     help="weights in float32 (default), bf16, or int8 (fastest on a CPU; see quantize.py)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print tokens/s to stderr")
     gen.set_defaults(func=_cmd_generate)
 

@@ -124,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,
         "use_chat_template": False,  # wrap each prompt in the base model's chat template (zero-shot)
         "output_file": None,         # evaluate: where to write predictions jsonl (default: next to the adapter)
+        "quantize_int8": False,      # evaluate: int8 weight-only base for faster CPU decoding (quantize.py)
     },
 }
 

@@ -30,6 +30,10 @@ that every prompt ends at the last column and new tokens are appended in step. P
 from the first real token of each row, so a padded prompt is computed exactly like the same prompt
 alone. ``KVCache`` preallocates keys and values for a fixed length, so decoding one token only runs
 the new token through the network.
+
+Precision. A model whose matrices are stored in bf16 (``load_base_model(dtype=torch.bfloat16)``, or
+``trainer.precision: bf16-mixed``) runs each forward pass under autocast: bf16 matrix multiplies, a
+float32 residual stream and float32 norms, and on a CPU float32 attention (see ``precision.py``).
 """
 
 from __future__ import annotations

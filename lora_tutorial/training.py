@@ -61,10 +61,22 @@ def resolve_precision(cfg: DictConfig) -> str:
     precision = str(cfg.trainer.precision)
     if precision not in _PRECISIONS:
         raise ValueError(f"trainer.precision={precision!r}; expected one of {sorted(_PRECISIONS)}")
-    if precision == "16-mixed" and resolve_accelerator(cfg) == "cpu":
+    on_cpu = resolve_accelerator(cfg) == "cpu"
+    if precision == "16-mixed" and on_cpu:
         print("trainer.precision=16-mixed needs a GPU; using bf16-mixed on the CPU instead")
-        return "bf16-mixed"
+        precision = "bf16-mixed"
+    if precision == "bf16-mixed" and on_cpu and not cpu_has_native_bf16():
+        print("Note: this CPU has no native bf16 matrix instructions (AVX512-BF16 or AMX), so bf16-mixed "
+              "will probably be slower than trainer.precision=32 here.")
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): bf16-mixed pays off there."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers of torch.cpu; assume the best if a future torch drops them
+        return True
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:

@@ -53,6 +53,11 @@ def evaluate(cfg: DictConfig, model: SFTModel | None = None, trainer: pl.Trainer
         model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
         if cfg.model.peft.restore_from_path:
             model.load_adapters(cfg.model.peft.restore_from_path)
+    if cfg.inference.quantize_int8:
+        from .quantize import quantize_int8
+
+        model.model.requires_grad_(False)  # evaluation only: every base linear layer may be quantized
+        quantize_int8(model.model)
     model.set_inference_config(cfg.inference)
     trainer = trainer or build_trainer(cfg, devices=1, num_nodes=1, strategy="auto")
     dataloader = model.build_dataloader(cfg.model.data.test_ds)

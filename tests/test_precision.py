@@ -97,7 +97,9 @@ def test_bf16_smollm2_agrees_with_float32(smollm2):
         top_bf16 = bf16(ids).argmax(-1)
     agreement = (top_fp32 == top_bf16).float().mean().item()
     assert agreement >= 0.9, agreement
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    # (bf16 rounding alone ties "The" and "L" as first tokens of "What is the capital of France?", a
+    # 0.08-nat decision in float32, so the check uses a question whose answer is not on a knife's edge)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     answer = tokenizer.decode(generate_ids(bf16, [tokenizer.encode(chat)], tokens_to_generate=12,
                                            stop_ids=[tokenizer.eos_id])[0])
     assert "Paris" in answer

@@ -1,0 +1,75 @@
+"""Int8 weight-only quantization: exact against its own dequantized matrix, close to float32, still answers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_tutorial.generation import generate_ids
+from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+from lora_tutorial.quantize import DECODE_ROWS, Int8Linear, quantize_int8
+
+from helpers import tiny_llama_config, tiny_model
+
+
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS, DECODE_ROWS + 1, 40])  # int8 kernel and dequantized path
+def test_int8_linear_multiplies_by_its_dequantized_matrix(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(rows, 64)
+    reference = x.bfloat16().float() @ q.dequantized().float().T + linear.bias.detach()
+    assert torch.allclose(q(x).float(), reference, atol=3e-2, rtol=2e-2)
+    # and the dequantized matrix is the original up to half a quantization step plus bf16 rounding
+    w = linear.weight.detach()
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    error = (q.dequantized().float() - w).abs()
+    assert (error <= 0.5 * step * 1.01 + w.abs() * 2**-8).all()
+    assert error.max() > 0  # it did quantize
+
+
+def test_quantize_int8_replaces_frozen_linears_and_keeps_adapters():
+    model = tiny_model(tiny_llama_config())
+    add_adapter(model, LoraPEFTConfig(None, target_modules=["attention_qkv"], adapter_dim=4, alpha=4,
+                                      row_init_method="normal"), verbose=False)
+    replaced = quantize_int8(model)
+    n_layer = model.config.n_layer
+    assert replaced == 4 * n_layer + 1  # qkv (inside LoRA), dense, fc1, fc2 per block, and the LM head
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    lora = model.blocks[0].attention.attention_qkv
+    assert isinstance(lora.base, Int8Linear) and lora.lora_A.dtype == torch.float32 and lora.lora_A.requires_grad
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    cached = generate_ids(model, prompts, tokens_to_generate=5)
+    assert cached == generate_ids(model, prompts, tokens_to_generate=5, use_cache=False)
+
+
+def test_int8_smollm2_agrees_with_float32_and_answers(smollm2):
+    model, tokenizer = smollm2
+    int8 = copy.deepcopy(model).requires_grad_(False)
+    assert quantize_int8(int8) == 4 * model.config.n_layer + 1
+    ids = torch.tensor([tokenizer.encode("The Eiffel Tower is in Paris, the capital of France. It was built in "
+                                         "1889 for the World's Fair and is 330 metres tall.")])
+    with torch.no_grad():
+        agreement = (model(ids).argmax(-1) == int8(ids).argmax(-1)).float().mean().item()
+    assert agreement >= 0.85, agreement
+    # (bf16 rounding alone ties "The" and "L" as first tokens of "What is the capital of France?", a
+    # 0.08-nat decision in float32, so the check uses a question whose answer is not on a knife's edge)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
+    answer = tokenizer.decode(generate_ids(int8, [tokenizer.encode(chat)], tokens_to_generate=12,
+                                           stop_ids=[tokenizer.eos_id])[0])
+    assert "Paris" in answer
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_generate_cli_with_low_precision_weights(precision):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lora_tutorial", "generate", "--prompt",
+                          "Which city is the capital of France?", "--precision", precision, "--tokens-to-generate", "12"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Paris" in out.stdout
