@@ -7,12 +7,13 @@ products, so ``trainer.precision: bf16-mixed`` is the single largest speed lever
 
 The rules, as in every mixed-precision recipe:
 
-1. ``torch.autocast(device, torch.bfloat16)`` runs each matmul (``linear``, attention) in bf16;
-   the residual stream, the norms and the loss stay in float32 (``GPT`` keeps its residual stream
-   float32 under autocast).
+1. ``torch.autocast(device, torch.bfloat16)`` runs each ``linear`` in bf16; the residual stream, the
+   norms and the loss stay in float32 (``GPT`` keeps its residual stream float32 under autocast), and
+   on a CPU so does attention (``model.attention_dtype`` says why).
 2. *Frozen* matrices are only ever read by matmuls, and autocast rounds them to bf16 at every use
-   anyway. Storing them in bf16 (``cast_frozen_weights``) therefore gives the same products, halves
-   the memory they take, and saves re-rounding 135M numbers at every forward pass.
+   anyway. Storing them in bf16 (``cast_frozen_weights``) therefore gives the same products (the
+   embedding lookup aside), halves the memory they take, and saves re-rounding 135M numbers at every
+   forward pass.
 3. *Trainable* tensors (the adapters) stay float32: AdamW's updates are often smaller than bf16's
    resolution (8 bits of mantissa) and would be rounded away.
 
