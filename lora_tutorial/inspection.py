@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .data import format_squad_input, read_jsonl
+from .model import GPT
 
 # ----------------------------------------------------------------------------------------------
 # Tables
@@ -303,8 +304,9 @@ def merged_outputs_agree(model: torch.nn.Module, input_ids: torch.Tensor, atol: 
     """
     from .generation import eval_mode
     from .peft import merge_lora, unmerge_lora
+    from .peft.lora import lora_modules
 
-    layers = [m for _, m in lora_layers(model)]
+    layers = lora_modules(model)
     if not layers:
         raise ValueError("merged_outputs_agree: the model has no LoRA layers")
     weights = [m.base.weight.detach().clone() for m in layers]
@@ -324,7 +326,7 @@ def merged_outputs_agree(model: torch.nn.Module, input_ids: torch.Tensor, atol: 
             "agree": merged_diff <= tolerance and roundtrip_diff <= tolerance}
 
 
-def parameter_budget(model: torch.nn.Module) -> list[tuple[str, int, float, float]]:
+def parameter_budget(model: GPT) -> list[tuple[str, int, float, float]]:
     """Trainable parameters and training memory, PEFT vs a full fine-tune of the same model.
 
     Memory counts fp32 values with AdamW: every *trainable* parameter needs its value, its gradient and
@@ -333,17 +335,9 @@ def parameter_budget(model: torch.nn.Module) -> list[tuple[str, int, float, floa
     """
     from .peft import adapter_parameters
 
-    adapter_ids = {id(p) for p in adapter_parameters(model).values()}
-    seen: set[int] = set()
-    base = trainable = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in adapter_ids:
-            trainable += p.numel() if p.requires_grad else 0
-        else:
-            base += p.numel()
+    adapters = adapter_parameters(model).values()
+    base = model.num_parameters() - sum(p.numel() for p in adapters)
+    trainable = sum(p.numel() for p in adapters if p.requires_grad)
     gib = 2 ** 30
     methods = "+".join(c.scheme for c in getattr(model, "peft_configs", [])) or "adapter"
     return [("full fine-tune", base, 100.0, round(16 * base / gib, 3)),

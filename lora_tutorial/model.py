@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import autocast_for
+from .precision import autocast_like
 
 
 @dataclass
@@ -333,7 +333,7 @@ class GPT(nn.Module):
         ``attention_mask`` (B, T_seen) marks real tokens with 1 and pads with 0 over every token seen
         so far (the prompt and the tokens generated since), as in HF transformers. ``None`` means no pads.
         """
-        with autocast_for(self):  # bf16 weights: bf16 matmuls, float32 residual stream (precision.py)
+        with autocast_like(self.wte.weight):  # bf16 weights: bf16 matmuls, float32 residual stream (precision.py)
             return self._hidden_states(input_ids, attention_mask, cache)
 
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -371,7 +371,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``."""
-        with autocast_for(self):
+        with autocast_like(self.wte.weight):
             h = self._hidden_states(input_ids, attention_mask, cache)
             if last_only:
                 h = h[:, -1:]
@@ -389,7 +389,7 @@ class GPT(nn.Module):
         keep = targets != -100
         if not keep.any():
             raise ValueError("loss(): every label is -100, so there is nothing to learn from this batch")
-        with autocast_for(self):
+        with autocast_like(self.wte.weight):
             h = self._hidden_states(input_ids, attention_mask, None)
             logits = self.lm_head(h[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep])
@@ -397,7 +397,7 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A KV cache sized for ``max_len`` real tokens (virtual tokens are added on top)."""
         param = self.wte.weight
-        with autocast_for(self):
+        with autocast_like(self.wte.weight):
             dtype = attention_dtype(param.device.type, param.dtype)
         return KVCache(self.config, batch_size, max_len + self.n_virtual_tokens, dtype, param.device)
 

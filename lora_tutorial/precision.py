@@ -17,8 +17,8 @@ The rules, as in every mixed-precision recipe:
 3. *Trainable* tensors (the adapters) stay float32: AdamW's updates are often smaller than bf16's
    resolution (8 bits of mantissa) and would be rounded away.
 
-``autocast_for(model)`` switches autocast on when a model holds bf16 weights, so that generation with
-such a model follows rule 1 without the caller having to remember it.
+``GPT`` switches autocast on by itself when its weights are bf16 (``autocast_like``), so that a model
+with bf16 weights follows rule 1 without the caller having to remember it.
 """
 
 from __future__ import annotations
@@ -52,28 +52,19 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     return cast
 
 
-def weights_dtype(model: nn.Module) -> torch.dtype:
-    """The lowest floating precision among the model's matrices (what its matmuls would run in)."""
-    dtypes = {p.dtype for p in model.parameters() if p.dim() >= 2 and p.is_floating_point()}
-    for low in LOW_PRECISION:
-        if low in dtypes:
-            return low
-    return torch.float32
-
-
 @contextlib.contextmanager
-def autocast_for(model: nn.Module) -> Iterator[None]:
-    """Autocast to the model's low-precision weight dtype, if it has one; otherwise do nothing.
-
-    Already inside an autocast region (Lightning's ``bf16-mixed``), the caller's setting is kept.
+def autocast_like(weight: torch.Tensor) -> Iterator[None]:
+    """Autocast to ``weight``'s dtype if it is bf16 or fp16 (a model's embedding table tells, since
+    ``cast_frozen_weights``, ``load_base_model(dtype=...)`` and ``quantize_int8`` all store it so);
+    otherwise do nothing. Already inside an autocast region (Lightning's ``bf16-mixed``), the caller's
+    setting is kept. Cheap enough for every forward pass: it looks at one tensor, not the whole model.
     """
-    device = next(model.parameters()).device.type
-    dtype = weights_dtype(model)
-    if dtype == torch.float32 or torch.is_autocast_enabled(device):
+    device = weight.device.type
+    if weight.dtype not in LOW_PRECISION or torch.is_autocast_enabled(device):
         yield
         return
-    with torch.autocast(device, dtype=dtype):
+    with torch.autocast(device, dtype=weight.dtype):
         yield
 
 
-__all__ = ["cast_frozen_weights", "weights_dtype", "autocast_for"]
+__all__ = ["cast_frozen_weights", "autocast_like"]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import cast_frozen_weights
+
 # A product with at most this many rows is "decoding" (memory-bound): use the int8 kernel directly.
 DECODE_ROWS = 16
 
@@ -65,16 +67,14 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module) -> int:
     """Replace every frozen ``nn.Linear`` of ``model`` by an ``Int8Linear``; return how many were replaced.
 
-    The rest of the model (embeddings, norms) is stored in bf16 so that the model runs under bf16
-    autocast (see precision.py); trainable tensors are left alone.
+    The other frozen matrices (the embedding table) are stored in bf16 too, so that the model runs under
+    bf16 autocast (see precision.py); norms and trainable tensors are left alone.
     """
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and not child.weight.requires_grad]
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child))
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dim() >= 2:
-            p.data = p.data.to(torch.bfloat16)
+    cast_frozen_weights(model, torch.bfloat16)  # the embedding table (and any other frozen matrix)
     return len(targets)
 
 

@@ -204,7 +204,7 @@ def load_results(path: str | Path | None = None) -> dict[str, dict]:
 
 
 def record_result(key: str, values: Mapping[str, Any], path: str | Path | None = None) -> None:
-    """Merge ``values`` into the entry ``key`` of the results file (created if needed); return the entry.
+    """Merge ``values`` into the entry ``key`` of the results file (created if needed).
 
     Typical keys in an entry: ``method``, ``trainable_params``, ``train_steps``, ``train_seconds``,
     ``n_eval``, ``zero_shot_em``, ``zero_shot_f1``, ``tuned_em``, ``tuned_f1``. Numbers are stored as given.

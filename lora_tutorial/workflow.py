@@ -48,7 +48,11 @@ def train_from_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
 
 
 def evaluate(cfg: DictConfig, model: SFTModel | None = None, trainer: pl.Trainer | None = None) -> dict:
-    """Predict on ``model.data.test_ds`` with ``trainer.predict``, score EM/F1 and write predictions jsonl."""
+    """Predict on ``model.data.test_ds`` with ``trainer.predict``, score EM/F1 and write predictions jsonl.
+
+    With ``inference.quantize_int8`` the model (also one passed in) is frozen and quantized in place:
+    use it for inference only afterwards.
+    """
     if model is None:
         model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
         if cfg.model.peft.restore_from_path:

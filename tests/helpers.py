@@ -46,3 +46,23 @@ def write_tiny_tokenizer(directory: Path) -> None:
 def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def assert_agrees_with_fp32_and_answers(fp32_model, model, tokenizer, min_agreement: float) -> None:
+    """A lower-precision copy of the real model predicts the same next token as float32 at nearly every
+    position of a real sentence, and still answers a simple question.
+
+    (bf16 rounding alone ties "The" and "L" as first tokens of "What is the capital of France?", a
+    0.08-nat decision in float32, so the question is one whose answer is not on a knife's edge.)
+    """
+    from lora_tutorial.generation import generate_ids
+
+    ids = torch.tensor([tokenizer.encode("The Eiffel Tower is in Paris, the capital of France. It was built in "
+                                         "1889 for the World's Fair and is 330 metres tall.")])
+    with torch.no_grad():
+        agreement = (fp32_model(ids).argmax(-1) == model(ids).argmax(-1)).float().mean().item()
+    assert agreement >= min_agreement, agreement
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
+    answer = tokenizer.decode(generate_ids(model, [tokenizer.encode(chat)], tokens_to_generate=12,
+                                           stop_ids=[tokenizer.eos_id])[0])
+    assert "Paris" in answer, answer

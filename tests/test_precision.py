@@ -9,9 +9,9 @@ import torch
 
 from lora_tutorial.generation import generate_ids
 from lora_tutorial.peft import LoraPEFTConfig, add_adapter
-from lora_tutorial.precision import autocast_for, cast_frozen_weights, weights_dtype
+from lora_tutorial.precision import autocast_like, cast_frozen_weights
 
-from helpers import random_ids, tiny_llama_config, tiny_model
+from helpers import assert_agrees_with_fp32_and_answers, random_ids, tiny_llama_config, tiny_model
 
 
 def tiny_lora_model():
@@ -34,7 +34,7 @@ def test_cast_frozen_weights_casts_only_frozen_matrices():
         else:
             assert p.dtype == torch.float32, name  # norm gains
     assert model.lm_head.weight is model.wte.weight  # still tied
-    assert weights_dtype(model) == torch.bfloat16
+    assert model.wte.weight.dtype == torch.bfloat16  # what GPT looks at to switch autocast on
     assert cast_frozen_weights(model) == 0  # idempotent
 
 
@@ -68,12 +68,12 @@ def test_cpu_autocast_keeps_attention_and_cache_in_float32():
     assert cache.length == 5 and cache.keys[0][:, :, :5].abs().sum() > 0
 
 
-def test_autocast_for_is_a_no_op_for_float32_models():
+def test_autocast_like_is_a_no_op_for_float32_weights():
     model = tiny_model(tiny_llama_config())
-    with autocast_for(model):
+    with autocast_like(model.wte.weight):
         assert not torch.is_autocast_enabled("cpu")
     model = model.to(torch.bfloat16)
-    with autocast_for(model):
+    with autocast_like(model.wte.weight):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
@@ -87,19 +87,11 @@ def test_bf16_cached_generation_matches_its_own_uncached_generation(padded):
 
 
 def test_bf16_smollm2_agrees_with_float32(smollm2):
-    """The real model in bf16 predicts the same next token almost everywhere, and still answers."""
+    """The real model loaded with bf16 weights (RoPE tables stay float32) still behaves like float32."""
+    from lora_tutorial import load_base_model
+
     model, tokenizer = smollm2
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    ids = torch.tensor([tokenizer.encode("The Eiffel Tower is in Paris, the capital of France. It was built in "
-                                         "1889 for the World's Fair and is 330 metres tall.")])
-    with torch.no_grad():
-        top_fp32 = model(ids).argmax(-1)
-        top_bf16 = bf16(ids).argmax(-1)
-    agreement = (top_fp32 == top_bf16).float().mean().item()
-    assert agreement >= 0.9, agreement
-    # (bf16 rounding alone ties "The" and "L" as first tokens of "What is the capital of France?", a
-    # 0.08-nat decision in float32, so the check uses a question whose answer is not on a knife's edge)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
-    answer = tokenizer.decode(generate_ids(bf16, [tokenizer.encode(chat)], tokens_to_generate=12,
-                                           stop_ids=[tokenizer.eos_id])[0])
-    assert "Paris" in answer
+    bf16, _ = load_base_model(dtype=torch.bfloat16)
+    assert bf16.blocks[0].attention.attention_qkv.weight.dtype == torch.bfloat16
+    assert bf16.rope_cos.dtype == torch.float32
+    assert_agrees_with_fp32_and_answers(model, bf16, tokenizer, min_agreement=0.9)

@@ -12,7 +12,7 @@ from lora_tutorial.generation import generate_ids
 from lora_tutorial.peft import LoraPEFTConfig, add_adapter
 from lora_tutorial.quantize import DECODE_ROWS, Int8Linear, quantize_int8
 
-from helpers import tiny_llama_config, tiny_model
+from helpers import assert_agrees_with_fp32_and_answers, tiny_llama_config, tiny_model
 
 
 @pytest.mark.parametrize("rows", [1, DECODE_ROWS, DECODE_ROWS + 1, 40])  # int8 kernel and dequantized path
@@ -50,17 +50,8 @@ def test_int8_smollm2_agrees_with_float32_and_answers(smollm2):
     model, tokenizer = smollm2
     int8 = copy.deepcopy(model).requires_grad_(False)
     assert quantize_int8(int8) == 4 * model.config.n_layer + 1
-    ids = torch.tensor([tokenizer.encode("The Eiffel Tower is in Paris, the capital of France. It was built in "
-                                         "1889 for the World's Fair and is 330 metres tall.")])
-    with torch.no_grad():
-        agreement = (model(ids).argmax(-1) == int8(ids).argmax(-1)).float().mean().item()
-    assert agreement >= 0.85, agreement
-    # (bf16 rounding alone ties "The" and "L" as first tokens of "What is the capital of France?", a
-    # 0.08-nat decision in float32, so the check uses a question whose answer is not on a knife's edge)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
-    answer = tokenizer.decode(generate_ids(int8, [tokenizer.encode(chat)], tokens_to_generate=12,
-                                           stop_ids=[tokenizer.eos_id])[0])
-    assert "Paris" in answer
+    assert int8.wte.weight.dtype == torch.bfloat16
+    assert_agrees_with_fp32_and_answers(model, int8, tokenizer, min_agreement=0.85)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
