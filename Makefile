@@ -44,7 +44,7 @@ notebooks: setup data
 	    --ExecutePreprocessor.timeout=-1 $$nb || exit 1; \
 	done
 
-bench: setup
+bench: setup data
 	$(PY) bench/run.py
 
 generate: setup

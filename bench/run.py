@@ -148,11 +148,24 @@ def table(results: dict) -> str:
     return "\n".join(lines + [""] + extra + [f"machine: {results['machine']}"])
 
 
+REQUIRED_DATA = ("data/SQuAD/squad_short_train.jsonl", "data/SQuAD/squad_val.jsonl")
+
+
+def check_data() -> None:
+    """Stop with one line naming the first missing SQuAD file and the command that writes it."""
+    for name in REQUIRED_DATA:
+        if not (HERE.parent / name).is_file():
+            print(f"error: {name} not found: the benchmarks read the prepared SQuAD files; run `make data` "
+                  "(or `python -m lora_tutorial prepare-data`) first", file=sys.stderr)
+            raise SystemExit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
+    check_data()
     results = run(args.quick)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print()
