@@ -5,8 +5,11 @@ Commands:
   prepare-data   get SQuAD v1.1 and write the SFT jsonl files into data/SQuAD/
   train          fine-tune with a PEFT method from an OmegaConf YAML (+ key=value overrides)
   evaluate       predict on a dataset and print EM/F1
+  export         merge an adapter into the base model and write a GGUF file
+  tutorial       execute the notebooks in order, print the time of each and the results table
 
-Each command imports only what it needs, so ``--help`` is instant.
+Each command imports only what it needs, so ``--help`` is instant. A bad value (a config key, a file,
+an adapter) ends with one line naming it and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import time
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoints import load_base_model
-    from .generation import generate
-
     import torch
+
+    from .generation import generate
+    from .pretrained import load_base_model
 
     model, tokenizer = load_base_model(args.model, dtype=torch.float32 if args.precision == "32" else torch.bfloat16)
     if args.adapter:
@@ -45,23 +48,87 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    from .data import prepare_squad
+    from .squad import prepare_squad
 
     prepare_squad(args.data_dir, source=args.source)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .workflow import train_from_config
+    import resource
 
-    train_from_config(args.config, args.overrides)
+    from .config import load_config
+    from .files import write_json
+    from .peft import parameter_summary
+    from .training import train
+
+    result = train(load_config(args.config, args.overrides))
+    if result.trainer.is_global_zero:
+        print(f"Training took {result.train_seconds:.0f} s; adapter: {result.adapter}")
+        if args.report:  # what notebook 07 compares: time, memory and size of each variant
+            write_json({"train_seconds": result.train_seconds, "steps": result.trainer.global_step,
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "trainable_params": parameter_summary(result.model.model).trainable,
+                        "adapter": str(result.adapter)}, args.report)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .workflow import evaluate_from_config
+    from pathlib import Path
 
-    evaluate_from_config(args.config, args.overrides)
+    from omegaconf import OmegaConf
+
+    from .config import load_config
+    from .evaluation import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.inference.output_file:  # default: next to the adapter (or here, for the bare base model)
+        adapter = cfg.model.peft.restore_from_path
+        OmegaConf.update(cfg, "inference.output_file", str(Path(adapter).parent if adapter else Path(".")) +
+                         "/predictions.jsonl")
+    result = evaluate(cfg)
+    print(f"{result.scores}  ({result.seconds:.0f} s); predictions: {cfg.inference.output_file}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+    from .peft import load_adapters
+    from .pretrained import load_base_model, resolve_model_path
+
+    model, _ = load_base_model(args.model)  # float32: the merge must not round twice
+    load_adapters(model, args.adapter)
+    export_gguf(model, resolve_model_path(args.model), args.out, dtype=args.dtype, verbose=True)
+    return 0
+
+
+def _cmd_tutorial(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .notebook import MODE_ENV, find_repo_root, print_results_table
+
+    os.environ[MODE_ENV] = args.mode
+    root = find_repo_root()
+    notebooks = [Path(n) for n in args.notebooks] or sorted((root / "notebooks").glob("0*.ipynb"))
+    times = []
+    started_all = time.perf_counter()
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        started = time.perf_counter()
+        print(f"== {path.name} ...", flush=True)
+        NotebookClient(nb, timeout=-1, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        times.append((path.name, time.perf_counter() - started))
+        nbformat.write(nb, path)
+        print(f"   {times[-1][1]:.0f} s", flush=True)
+    print("\nTime per notebook:")
+    for name, seconds in times:
+        print(f"  {name:40s} {seconds:6.0f} s")
+    print(f"  {'total':40s} {time.perf_counter() - started_all:6.0f} s\n")
+    print_results_table(args.mode)
     return 0
 
 
@@ -90,11 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--data-dir", default="data")
     prep.set_defaults(func=_cmd_prepare_data)
 
+    exp = sub.add_parser("export", help="merge an adapter into the base and write a GGUF (llama.cpp, Ollama...)")
+    exp.add_argument("--adapter", required=True, help="adapter file written by training (LoRA, DoRA, IA3)")
+    exp.add_argument("--out", required=True, help="the .gguf file to write")
+    exp.add_argument("--dtype", choices=["f16", "q8_0"], default="f16", help="tensor type of the matrices")
+    exp.add_argument("--model", default="smollm2-135m-instruct", help="the base model (name or .gguf file)")
+    exp.set_defaults(func=_cmd_export)
+
+    tut = sub.add_parser("tutorial", help="execute the notebooks in place; print the time of each and the results")
+    tut.add_argument("--mode", choices=["fast", "nemo"], default="fast", help="LORA_TUTORIAL_MODE for the notebooks")
+    tut.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/0*.ipynb, in order)")
+    tut.set_defaults(func=_cmd_tutorial)
+
     for name, func, default in (("train", _cmd_train, "conf/peft_tuning.yaml"),
                                 ("evaluate", _cmd_evaluate, "conf/peft_eval.yaml")):
         cmd = sub.add_parser(name, help=f"{name} from a YAML config")
         cmd.add_argument("--config", default=default)
         cmd.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. trainer.max_steps=20")
+        if name == "train":
+            cmd.add_argument("--report", help="also write train time, peak memory and trainable parameters (JSON)")
         cmd.set_defaults(func=func)
     return parser
 

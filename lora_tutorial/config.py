@@ -1,169 +1,371 @@
-"""The configuration schema: every key a YAML in ``conf/`` may set, with its default.
+"""The configuration schema: every key a YAML in ``conf/`` may set, its type, its default and its range.
 
 The layout follows NeMo's ``megatron_gpt_finetuning_config.yaml`` so the tutorial's steps map one to one:
 ``trainer`` (what PyTorch Lightning needs), ``exp_manager`` (where logs and checkpoints go), ``model``
 (base model, batch sizes, data, PEFT method, optimizer) and ``inference`` (decoding knobs).
 
-``load_config`` merges a YAML file and ``key=value`` overrides onto these defaults in OmegaConf's
-*struct* mode, so a misspelt or unknown key is an error naming the key instead of being silently ignored.
+The schema is a tree of dataclasses that OmegaConf turns into a *structured config*. That one tree is
+the single source of truth:
+
+* the defaults are the dataclass defaults (``conf/peft_tuning.yaml`` spells out the same values, with
+  comments, and a test checks that they agree);
+* OmegaConf checks types when a YAML file or a ``key=value`` override is merged (``lr=abc`` fails);
+* a key that is not in the tree is an error, not a silently ignored typo;
+* ranges and choices (``max_steps >= 1``, ``precision`` in a list...) live next to each field as a
+  ``Rule`` and are checked by ``validate``.
+
+``load_config`` does all of that and raises one ``ConfigError`` whose message names the key, the value
+and what was expected -- before any model is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
-def _dataset_defaults(file_names: list[str], shuffle: bool, micro_batch_size: int | None,
-                      metric: str | None) -> dict:
-    return {
-        "file_names": file_names,              # one or more jsonl files
-        "names": None,                         # display names for the files (validation / test)
-        "concat_sampling_probabilities": None, # one probability per training file, summing to 1
-        "num_samples": None,                   # with the probabilities: how many examples to draw
-        "prompt_template": "{input} {output}",
-        "max_seq_length": 1024,
-        "truncation_field": "input",           # cut this field's context (never question/answer) if too long
-        "add_bos": False,
-        "add_eos": True,
-        "answer_only_loss": True,
-        "num_workers": 0,
-        "shuffle": shuffle,
-        "micro_batch_size": micro_batch_size,  # None: model.micro_batch_size (eval batches generation)
-        "tokens_to_generate": 30,
-        "metric": metric,                      # "squad" (EM/F1 by generation) or null (loss only)
-        "limit": None,                         # use only the first N examples (quick runs)
-    }
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message names the key, the value and what was expected."""
 
 
-DEFAULTS: dict[str, Any] = {
-    "name": "smollm2_lora_squad",
-    "trainer": {
-        "accelerator": "auto",         # cpu | gpu | auto
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",            # auto | ddp | ddp_spawn | fsdp ...
-        "precision": "32",             # 32 | bf16-mixed | 16-mixed (GPU only)
-        "max_steps": 100,
-        "max_epochs": None,
-        "val_check_interval": 50,      # in optimizer steps x accumulation, as Lightning counts batches
-        "limit_val_batches": None,
-        "num_sanity_val_steps": 0,
-        "gradient_clip_val": 1.0,
-        "log_every_n_steps": 5,
-        "enable_progress_bar": True,
-        "enable_model_summary": False,
-    },
-    "exp_manager": {
-        "exp_dir": "experiments",
-        "name": "${name}",
-        "explicit_log_dir": None,      # default: exp_dir/name
-        "resume_if_exists": False,     # continue from checkpoints/last.ckpt after an interruption
-        "create_checkpoint_callback": True,
-        "checkpoint_callback_params": {
-            "monitor": "val_loss",
-            "mode": "min",
-            "save_top_k": 1,
-            "save_last": True,
-            "every_n_train_steps": None,
-        },
-        "adapter_file": "${name}.safetensors",  # adapter-only file written to checkpoints/ at the end
-    },
-    "model": {
-        "restore_from_path": "smollm2-135m-instruct",
-        "seed": 1234,
-        "micro_batch_size": 1,
-        "global_batch_size": 4,
-        "data": {
-            "train_ds": _dataset_defaults(["data/SQuAD/squad_short_train.jsonl"], True, None, None),
-            "validation_ds": _dataset_defaults(["data/SQuAD/squad_short_val.jsonl"], False, 10, "squad"),
-            "test_ds": _dataset_defaults(["data/SQuAD/squad_short_val.jsonl"], False, 16, "squad"),
-        },
-        "peft": {
-            "peft_scheme": "lora",      # lora | adapter | ia3 | ptuning | lora,ptuning ...
-            "restore_from_path": None,  # an adapter file to start from / evaluate
-            "lora_tuning": {
-                "target_modules": ["all"],  # see conf/peft_tuning.yaml for why not just attention_qkv
-                "adapter_dim": 32,
-                "alpha": 32,
-                "adapter_dropout": 0.0,
-                "column_init_method": "xavier",
-                "row_init_method": "zero",
-                "layer_selection": None,
-                "rslora": False,
-            },
-            "adapter_tuning": {
-                "adapter_dim": 32,
-                "adapter_dropout": 0.0,
-                "norm_position": "pre",
-                "layer_selection": None,
-                "column_init_method": "xavier",
-                "row_init_method": "zero",
-            },
-            "ia3_tuning": {"layer_selection": None},
-            "p_tuning": {"virtual_tokens": 10, "bottleneck_dim": 1024, "embedding_dim": 1024, "init_std": 0.023},
-        },
-        "optim": {
-            "name": "adamw",
-            "lr": 6e-4,
-            "weight_decay": 0.01,
-            "betas": [0.9, 0.98],
-            "sched": {"name": "CosineAnnealing", "warmup_steps": 0, "min_lr": 0.0},
-        },
-    },
-    "inference": {
-        "greedy": True,
-        "top_k": 0,
-        "top_p": 0.9,
-        "temperature": 1.0,
-        "repetition_penalty": 1.0,
-        "tokens_to_generate": 30,
-        "batch_size": 16,
-        "use_chat_template": False,  # wrap each prompt in the base model's chat template (zero-shot)
-        "output_file": None,         # evaluate: where to write predictions jsonl (default: next to the adapter)
-        "quantize_int8": False,      # evaluate: int8 weight-only base for faster CPU decoding (quantize.py)
-    },
-}
+@dataclass(frozen=True)
+class Rule:
+    """What a field's value must satisfy (checked by ``validate``; ``None`` always passes an Optional)."""
+
+    expected: str
+    ok: Callable[[Any], bool]
+
+
+def knob(default: Any = dataclasses.MISSING, rule: Rule | None = None, factory: Callable[[], Any] | None = None):
+    """A dataclass field with an optional ``Rule``."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+POSITIVE_INT = Rule("an integer >= 1", lambda v: v >= 1)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+POSITIVE = Rule("a number > 0", lambda v: v > 0)
+PROBABILITY = Rule("a probability in [0, 1)", lambda v: 0 <= v < 1)
+INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
+
+# ----------------------------------------------------------------------------------------------
+# trainer, exp_manager
+# ----------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = knob("auto", one_of("auto", "cpu", "gpu", "cuda"))
+    devices: Any = 1  # processes per node: an int, a list of GPU ids, or "auto"
+    num_nodes: int = knob(1, POSITIVE_INT)
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp ...
+    precision: str = knob("32", one_of(*PRECISIONS))
+    max_steps: int = knob(100, Rule("an integer >= 1 (or -1 with max_epochs)", lambda v: v >= 1 or v == -1))
+    max_epochs: Optional[int] = knob(None, POSITIVE_INT)
+    val_check_interval: Optional[int] = knob(50, NON_NEGATIVE)  # optimizer steps; 0 or null: no validation
+    limit_val_batches: Optional[int] = knob(None, NON_NEGATIVE)
+    num_sanity_val_steps: int = knob(0, NON_NEGATIVE)
+    gradient_clip_val: Optional[float] = knob(1.0, NON_NEGATIVE)
+    log_every_n_steps: int = knob(5, POSITIVE_INT)
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+
+
+@dataclass
+class CheckpointCallbackParams:
+    monitor: str = "val_loss"
+    mode: str = knob("min", one_of("min", "max"))
+    save_top_k: int = knob(1, Rule("an integer >= -1", lambda v: v >= -1))
+    save_last: bool = True
+    every_n_train_steps: Optional[int] = knob(None, POSITIVE_INT)
+
+
+@dataclass
+class ExpManagerConfig:
+    exp_dir: str = "experiments"
+    name: str = "${name}"
+    explicit_log_dir: Optional[str] = None
+    resume_if_exists: bool = False
+    create_checkpoint_callback: bool = True
+    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+    adapter_file: str = "${name}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# model.data
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DatasetConfig:
+    file_names: List[str] = field(default_factory=list)
+    concat_sampling_probabilities: Optional[List[float]] = None
+    num_samples: Optional[int] = knob(None, POSITIVE_INT)
+    prompt_template: str = "{input} {output}"
+    max_seq_length: int = knob(1024, POSITIVE_INT)
+    truncation_field: Optional[str] = "input"
+    add_bos: bool = False
+    add_eos: bool = True
+    answer_only_loss: bool = True
+    num_workers: int = knob(0, NON_NEGATIVE)
+    shuffle: bool = False
+    length_grouping: bool = True  # training: micro-batches of similar length (less padding; sampler.py)
+    micro_batch_size: Optional[int] = knob(None, POSITIVE_INT)
+    tokens_to_generate: int = knob(30, POSITIVE_INT)
+    metric: Optional[str] = knob(None, one_of("squad"))
+    limit: Optional[int] = knob(None, POSITIVE_INT)
+
+
+def _dataset(files: str, **kwargs: Any) -> Callable[[], DatasetConfig]:
+    return lambda: DatasetConfig(file_names=[files], **kwargs)
+
+
+@dataclass
+class DataConfig:
+    train_ds: DatasetConfig = field(default_factory=_dataset("data/SQuAD/splits/train.jsonl", shuffle=True))
+    validation_ds: DatasetConfig = field(default_factory=_dataset(
+        "data/SQuAD/splits/validation.jsonl", micro_batch_size=16, metric="squad", limit=100))
+    test_ds: DatasetConfig = field(default_factory=_dataset(
+        "data/SQuAD/splits/test.jsonl", micro_batch_size=16, metric="squad"))
+
+
+# ----------------------------------------------------------------------------------------------
+# model.peft: one section per method (lora_tutorial.peft builds its configs from these)
+# ----------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2")
+TARGET_SHORTCUTS = {"attention": ("attention_qkv", "attention_dense"), "mlp": ("mlp_fc1", "mlp_fc2"),
+                    "all": LORA_TARGETS}
+LAYERS = Rule("null (every layer) or a non-empty list of distinct layer indices (from 0)",
+              lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0)
+
+
+@dataclass
+class LoraTuning:
+    target_modules: List[str] = knob(factory=lambda: ["all"], rule=Rule(
+        f"a non-empty list of {', '.join(LORA_TARGETS + tuple(TARGET_SHORTCUTS))}",
+        lambda v: len(v) > 0 and all(t in LORA_TARGETS or t in TARGET_SHORTCUTS for t in v)))
+    adapter_dim: int = knob(32, POSITIVE_INT)  # the rank r
+    alpha: float = knob(32.0, POSITIVE)  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    adapter_dropout: float = knob(0.0, PROBABILITY)
+    column_init_method: str = knob("xavier", one_of(*INIT_METHODS))  # A (r x d_in)
+    row_init_method: str = knob("zero", one_of(*INIT_METHODS))  # B (d_out x r)
+    layer_selection: Optional[List[int]] = knob(None, LAYERS)
+    rslora: bool = False
+    use_dora: bool = False  # DoRA: a learned magnitude per output row times the direction of W + BA
+    # default: A and B from the two init methods above; pissa / olora: from W's SVD / QR, W keeps the residual
+    init_lora_weights: str = knob("default", one_of("default", "pissa", "olora"))
+
+
+@dataclass
+class AdapterTuning:
+    adapter_dim: int = knob(32, POSITIVE_INT)
+    adapter_dropout: float = knob(0.0, PROBABILITY)
+    norm_position: str = knob("pre", one_of("pre", "post"))
+    layer_selection: Optional[List[int]] = knob(None, LAYERS)
+    column_init_method: str = knob("xavier", one_of(*INIT_METHODS))
+    row_init_method: str = knob("zero", one_of(*INIT_METHODS))
+
+
+@dataclass
+class IA3Tuning:
+    layer_selection: Optional[List[int]] = knob(None, LAYERS)
+
+
+@dataclass
+class PTuning:
+    virtual_tokens: int = knob(10, POSITIVE_INT)
+    bottleneck_dim: int = knob(1024, POSITIVE_INT)
+    embedding_dim: int = knob(1024, POSITIVE_INT)
+    init_std: float = knob(0.023, POSITIVE)
+
+
+PEFT_SCHEMES = ("lora", "adapter", "ia3", "ptuning")
+SCHEME_ALIASES = {"p_tuning": "ptuning", "p-tuning": "ptuning", "adapters": "adapter", "": "none"}
+
+
+def scheme_parts(scheme: str) -> list[str]:
+    """``"LoRA, p-tuning"`` -> ``["lora", "ptuning"]`` (aliases resolved; "none" and blanks dropped)."""
+    parts = [SCHEME_ALIASES.get(p.strip().lower(), p.strip().lower()) for p in str(scheme).split(",")]
+    return [p for p in parts if p != "none"]
+
+
+@dataclass
+class PeftSection:
+    # lora | adapter | ia3 | ptuning | none, or a combination such as "lora,ptuning"
+    peft_scheme: Optional[str] = knob("lora", Rule(
+        f"one of {', '.join(PEFT_SCHEMES)}, none, or a comma-separated combination without repeats",
+        lambda v: all(p in PEFT_SCHEMES for p in scheme_parts(v)) and len(set(scheme_parts(v))) == len(scheme_parts(v))))
+    restore_from_path: Optional[str] = None
+    lora_tuning: LoraTuning = field(default_factory=LoraTuning)
+    adapter_tuning: AdapterTuning = field(default_factory=AdapterTuning)
+    ia3_tuning: IA3Tuning = field(default_factory=IA3Tuning)
+    p_tuning: PTuning = field(default_factory=PTuning)
+
+
+# ----------------------------------------------------------------------------------------------
+# model.optim, model, inference, the root
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SchedConfig:
+    warmup_steps: int = knob(0, NON_NEGATIVE)
+    min_lr: float = knob(0.0, NON_NEGATIVE)
+
+
+@dataclass
+class OptimConfig:
+    name: str = knob("adamw", one_of("adamw", "adam"))
+    lr: float = knob(1e-3, Rule("a learning rate > 0 and < 1", lambda v: 0 < v < 1))
+    weight_decay: float = knob(0.01, NON_NEGATIVE)
+    betas: List[float] = knob(factory=lambda: [0.9, 0.98], rule=Rule(
+        "two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)))
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+
+@dataclass
+class ModelConfig:
+    restore_from_path: str = "smollm2-135m-instruct"
+    seed: int = 1234
+    micro_batch_size: int = knob(4, POSITIVE_INT)
+    global_batch_size: int = knob(8, POSITIVE_INT)
+    quantized_base: Optional[str] = knob(None, one_of("int8", "q4_1"))  # QLoRA: keep the frozen matrices quantized
+    activations_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more time
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class InferenceConfig:
+    greedy: bool = True
+    top_k: int = knob(0, NON_NEGATIVE)
+    top_p: float = knob(0.9, Rule("a number in (0, 1]", lambda v: 0 < v <= 1))
+    temperature: float = knob(1.0, POSITIVE)
+    repetition_penalty: float = knob(1.0, POSITIVE)
+    tokens_to_generate: int = knob(30, POSITIVE_INT)
+    use_chat_template: bool = False
+    output_file: Optional[str] = None
+    quantize_int8: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "smollm2_lora_squad"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checking
+# ----------------------------------------------------------------------------------------------
+
+# How OmegaConf words a failed conversion -> what the message should say was expected.
+_TYPE_WORDS = {"to Integer": "an integer", "to Float": "a number", "valid bool": "true or false", "to String": "a string"}
 
 
 def default_config() -> DictConfig:
-    """A fresh copy of the schema with its defaults, in struct mode (unknown keys are errors)."""
-    cfg = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(cfg, True)
+    """A fresh copy of the schema with its defaults (unknown keys are errors)."""
+    return OmegaConf.structured(Config)
+
+
+def merge_checked(base: DictConfig, layer: Any, source: str, prefix: str = "") -> DictConfig:
+    """``OmegaConf.merge(base, layer)`` with every OmegaConf error turned into one ``ConfigError``.
+
+    ``prefix`` is the path of ``base`` inside the whole config (``model.peft.lora_tuning``), so that the
+    message names the full key.
+    """
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as err:
+        key = ".".join(filter(None, (prefix, str(err.full_key))))
+        raise ConfigError(f"{source}: unknown config key {key!r}; see conf/peft_tuning.yaml for the keys "
+                          "that exist") from None
+    except OmegaConfBaseException as err:
+        key = ".".join(filter(None, (prefix, str(getattr(err, "full_key", "") or ""))))
+        words = next((w for t, w in _TYPE_WORDS.items() if t in str(err.msg)), None)
+        expected = f"expected {words}" if words else str(err.msg).splitlines()[0]
+        raise ConfigError(f"{source}: {key}={getattr(err, 'value', '?')!r}: {expected}") from None
+
+
+def validate(cfg: DictConfig, prefix: str = "") -> DictConfig:
+    """Check every field's ``Rule`` (ranges and choices), recursively; return ``cfg`` unchanged."""
+    schema = OmegaConf.get_type(cfg)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = cfg[f.name]
+        if isinstance(value, DictConfig):
+            validate(value, key)
+            continue
+        rule: Rule | None = f.metadata.get("rule")
+        if rule is None or value is None:
+            continue
+        plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        try:
+            ok = rule.ok(plain)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={plain!r}: expected {rule.expected}")
     return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides; unknown keys raise ValueError."""
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, checked; or a ``ConfigError``."""
     cfg = default_config()
-    layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
         try:
-            layers.append((str(path), OmegaConf.load(path)))
+            layer = OmegaConf.load(path)
         except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise several kinds
-            raise ValueError(f"{path}: cannot parse YAML ({err})") from None
+            raise ConfigError(f"{path}: cannot parse YAML ({err})") from None
+        cfg = merge_checked(cfg, layer, str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. trainer.max_steps=20)")
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"override {bad[0]!r} must look like key=value (e.g. trainer.max_steps=20)")
-        layers.append(("command-line overrides", OmegaConf.from_dotlist(list(overrides))))
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except ConfigKeyError as err:
-            raise ValueError(f"{source}: unknown config key {err.full_key!r}; see conf/peft_tuning.yaml "
-                             "for the keys that exist") from None
-        except OmegaConfBaseException as err:
-            raise ValueError(f"{source}: bad value for {getattr(err, 'full_key', '?')!r}: {err.msg}") from None
+        cfg = merge_checked(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+    validate(cfg)
+    if cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs is None:
+        raise ConfigError("trainer.max_steps=-1: expected an integer >= 1, or set trainer.max_epochs too")
     return cfg
+
+
+def flat_items(cfg: DictConfig) -> dict[str, Any]:
+    """Every leaf of ``cfg`` (resolved) as ``{"trainer.max_steps": 100, ...}``."""
+    def walk(node: Any, prefix: str) -> Any:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True), ""))
+
+
+def config_diff(a: DictConfig, b: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every leaf where two configs differ, in schema order."""
+    flat_a, flat_b = flat_items(a), flat_items(b)
+    return [(key, flat_a[key], flat_b[key]) for key in flat_a if flat_a[key] != flat_b[key]]
 
 
 def to_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML (what a notebook prints as "the final config")."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "default_config", "validate", "to_yaml", "flat_items", "config_diff"]

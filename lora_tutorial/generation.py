@@ -35,8 +35,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+PAD_MULTIPLE = 32  # prompt widths are rounded up to this: few shapes, few kernels to compile (sft_data.SFTCollator)
+
+
 def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
+    if len(batch) > 1:  # a single prompt needs no padding (and then no attention mask at all)
+        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, seq in enumerate(batch):
@@ -45,11 +50,21 @@ def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
+def _seen_tokens(ids: torch.Tensor, mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """(B, vocab) booleans: which tokens each row's *real* prompt tokens contain (pads never count).
+
+    A left-padded row ends with a real token, so its pads are replaced by that token before scattering.
+    """
+    if mask is not None:
+        ids = torch.where(mask.bool(), ids, ids[:, -1:])
+    seen = torch.zeros(ids.shape[0], vocab_size, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)
+
+
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty: tokens already present get their logit divided (if > 0) or multiplied by it."""
-    picked = logits.gather(1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(1, seen, picked)
+    """CTRL-style penalty: tokens already seen get their logit divided (if > 0) or multiplied by it."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -90,6 +105,7 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = _seen_tokens(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None
     out: list[torch.Tensor] = []
     step_ids = ids
     with eval_mode(model):
@@ -99,11 +115,12 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
             else:
                 seq = torch.cat([ids, *[t[:, None] for t in out]], dim=1)
                 logits = model(seq, attention_mask=mask, last_only=True)[:, -1]
-            if repetition_penalty != 1.0:
-                seen = torch.cat([ids, *[t[:, None] for t in out]], dim=1)
+            if seen is not None:
                 logits = _apply_repetition_penalty(logits, seen, repetition_penalty)
             token = next_tokens(logits, greedy, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad_id), token)
+            if seen is not None:  # a finished row's pad is not a token it produced
+                seen[torch.arange(B, device=device), token] |= ~done
             done |= torch.isin(token, stop)
             out.append(token)
             if done.all():

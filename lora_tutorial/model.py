@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .precision import autocast_like
+from .precision import autocast_like, cpu_has_amx
 
 
 @dataclass
@@ -81,6 +82,11 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Rows of the fused ``attention_qkv`` matrix: the query heads, then the key heads, then the value heads."""
+        return self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -106,7 +112,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 even under bf16 autocast: the mean of squares loses precision otherwise.
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        # Only matrix multiplies read the result, and autocast would round it to bf16 for each of them
+        # (twice where LoRA reads it too): round it once here.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(dtype)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -120,22 +130,27 @@ def make_norm(config: GPTConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 def rope_cache(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the "half-split" layout used by HF Llama.
+    """cos and *signed* sin tables of shape (max_len, head_dim), in the "half-split" layout of HF Llama.
 
     Dimension i of the first half and dimension i of the second half form one rotating pair, turning
-    at frequency base^(-2i/head_dim) radians per position.
+    at frequency base^(-2i/head_dim) radians per position. Rotating the pair (a, b) by an angle t gives
+    (a cos t - b sin t, b cos t + a sin t); with x rolled by half its width (b in a's place and a in b's)
+    that is ``x * cos + roll(x) * sin_signed`` where the first half of ``sin_signed`` is -sin t.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin_signed = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    return cos.float(), sin_signed.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate query/key vectors x (B, H, T, D) by per-position angles (cos/sin broadcast to (B, 1, T, D))."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate query/key vectors x (..., D) by per-position angles (``rope_cache`` tables, broadcast to x).
+
+    Three kernels (roll, multiply, multiply-add) instead of the textbook five (slice, negate,
+    concatenate, two multiplies and an add): it runs on every layer, forward and backward.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,14 +189,18 @@ class KVCache:
 def attention_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype attention (and so the KV cache) works in.
 
-    Under autocast on a CPU this is float32: at this model's sizes the CPU's float32 attention kernels
-    beat its bf16 ones (measured on the project's 2-core VM: 20 vs 120 us for one decoding step, 3.8 vs
-    5.4 ms forward + backward at 200 tokens), and attention is a small share of the work anyway. On GPUs
-    it is the autocast dtype (fused bf16/fp16 kernels are fast there); without autocast, the weights' dtype.
+    On GPUs it is the autocast dtype (fused bf16/fp16 kernels are fast there); without autocast, the
+    weights' dtype. Under autocast on a CPU it depends on what is fastest there (measured at this
+    model's sizes, 2 cores): on CPUs with AMX, bf16 for forward-only work (generation: 0.15 vs 0.30 ms
+    per decoding step and layer) but float32 when gradients are needed (8.4 vs 10.3 ms forward + backward
+    at 4 x 230 tokens); on CPUs without AMX, float32 always (an AVX512-BF16 EPYC: 20 vs 120 us per
+    decoding step). Attention is a small share of the work, so this only trims the total.
     """
-    if torch.is_autocast_enabled(device_type):
-        return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
-    return weight_dtype
+    if not torch.is_autocast_enabled(device_type):
+        return weight_dtype
+    if device_type != "cpu":
+        return torch.get_autocast_dtype(device_type)
+    return torch.bfloat16 if cpu_has_amx() and not torch.is_grad_enabled() else torch.float32
 
 
 class Attention(nn.Module):
@@ -191,26 +210,23 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        hd = config.head_dim
-        # Rows of attention_qkv: n_head query heads, then n_kv_head key heads, then n_kv_head value heads.
-        self.qkv_sizes = (config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd)
+        self.qkv_sizes = config.qkv_sizes
         self.attention_qkv = nn.Linear(config.d_model, sum(self.qkv_sizes), bias=config.bias)
-        self.attention_dense = nn.Linear(config.n_head * hd, config.d_model, bias=config.bias)
+        self.attention_dense = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.config
-        q, k, v = self.attention_qkv(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        heads = self.attention_qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim)
+        qk, v = heads.split([c.n_head + c.n_kv_head, c.n_kv_head], dim=2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # queries and keys rotated together, (B, T, H + H_kv, D)
+        q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
         dtype = attention_dtype(x.device.type, x.dtype)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = (t.to(dtype) for t in cache.update(self.layer_idx, k, v))  # no-op unless grad mode changed
         # Autocast would put the float32 attention of a CPU back into bf16: switch it off around the kernel.
         keep_fp32 = dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if keep_fp32 else contextlib.nullcontext():
@@ -260,9 +276,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only language model: embeddings, ``n_layer`` blocks, final norm, LM head."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, name_or_path: str = "") -> None:
         super().__init__()
         self.config = config
+        self.name_or_path = name_or_path  # where the pretrained weights came from (adapter files record it)
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -270,13 +287,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        # P-tuning's hook: a module whose forward(batch_size) returns (B, n_virtual, d_model) embeddings.
+        # The PEFT record. ``virtual_prompt`` is p-tuning's hook: a module whose forward(batch_size) returns
+        # (B, n_virtual, d_model) embeddings. ``peft_configs`` lists the PEFT configs applied to this model
+        # (``lora_tutorial.peft.add_adapter`` appends to it; ``save_adapters`` stores it).
         self.virtual_prompt: nn.Module | None = None
-        self.name_or_path = ""  # where the weights came from; set by the loader
+        self.peft_configs: list = []
+        # Training memory: keep only each block's input and recompute the block in the backward pass.
+        self.activations_checkpointing = False
         if config.position == "rope":
             cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_sin_signed", sin, persistent=False)
 
     @property
     def n_virtual_tokens(self) -> int:
@@ -358,9 +379,12 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         rope = None
         if self.config.position == "rope":
-            rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
+            rope = (self.rope_cos[positions][:, :, None], self.rope_sin_signed[positions][:, :, None])  # (B, T, 1, D)
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            if self.activations_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, mask, is_causal, cache, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, rope, mask, is_causal, cache)
         x = self.norm_f(x)
         if cache is not None:
             cache.length = total
@@ -402,37 +426,17 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_len + self.n_virtual_tokens, dtype, param.device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count, tied weights counted once."""
+        """Parameter count, tied weights counted once; frozen weights stored quantized (``quantize.py``,
+        ``qlora.py``: buffers, not parameters) count as the matrices they stand for."""
         seen, total = set(), 0
         for p in self.parameters():
             if id(p) in seen or (trainable_only and not p.requires_grad):
                 continue
             seen.add(id(p))
             total += p.numel()
+        if not trainable_only:
+            total += sum(m.in_features * m.out_features for m in self.modules() if getattr(m, "weight_is_quantized", False))
         return total
 
 
-def init_weights(model: GPT, std: float = 0.02, seed: int | None = None) -> GPT:
-    """Random GPT-2-style initialisation, for the tiny test models (real runs load pretrained weights)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, mean=0.0, std=std)
-        elif name.endswith("bias"):
-            nn.init.normal_(p, mean=0.0, std=std)
-        else:
-            nn.init.ones_(p)
-    return model
-
-
-def count_flops_per_token(config: GPTConfig) -> int:
-    """Rough forward FLOPs per token (2 x multiply-adds of the matmuls), for throughput reports."""
-    hd = config.head_dim
-    qkv = config.d_model * (config.n_head + 2 * config.n_kv_head) * hd
-    dense = config.n_head * hd * config.d_model
-    mlp = config.d_model * config.d_ff * (3 if config.mlp == "swiglu" else 2)
-    return 2 * (config.n_layer * (qkv + dense + mlp) + config.d_model * config.vocab_size)
-
-
-__all__ = ["GPTConfig", "GPT", "KVCache", "RMSNorm", "init_weights", "count_flops_per_token"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "RMSNorm"]

@@ -24,6 +24,7 @@ with bf16 weights follows rule 1 without the caller having to remember it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -52,6 +53,24 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     return cast
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): bf16-mixed pays off there."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where bf16 attention is the fast one."""
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+def trainable_dtype(frozen_dtype: torch.dtype) -> torch.dtype:
+    """The dtype new trainable tensors get next to frozen ones of ``frozen_dtype``: at least float32 (rule 3),
+    so that an adapter added to a bf16 base still trains in float32."""
+    return torch.promote_types(frozen_dtype, torch.float32)
+
+
 @contextlib.contextmanager
 def autocast_like(weight: torch.Tensor) -> Iterator[None]:
     """Autocast to ``weight``'s dtype if it is bf16 or fp16 (a model's embedding table tells, since
@@ -67,4 +86,4 @@ def autocast_like(weight: torch.Tensor) -> Iterator[None]:
         yield
 
 
-__all__ = ["cast_frozen_weights", "autocast_like"]
+__all__ = ["cast_frozen_weights", "autocast_like", "trainable_dtype", "cpu_has_native_bf16", "cpu_has_amx"]

@@ -34,6 +34,8 @@ DECODE_ROWS = 16
 class Int8Linear(nn.Module):
     """A frozen linear layer stored as int8 rows plus one bf16 scale per output feature."""
 
+    weight_is_quantized = True  # GPT.num_parameters counts it as the (out, in) matrix it stands for
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()

@@ -1,13 +1,13 @@
 """``SFTModel``: the LightningModule that fine-tunes a base model with PEFT (NeMo's ``MegatronGPTSFTModel``).
 
-It holds the base ``GPT`` (``self.model``), its tokenizer and the config, and mirrors the seed's flow::
+It holds the base ``GPT`` (``self.model``), its tokenizer and the config, and mirrors NeMo's flow::
 
     model = SFTModel.restore_from(cfg.model.restore_from_path, cfg, trainer)
     model.add_adapter(LoraPEFTConfig(cfg.model))
     trainer.fit(model)                                  # answer-only loss; val_loss and EM/F1
     ...
     model.load_adapters(path)
-    model.set_inference_config(OmegaConf.to_container(cfg.inference))
+    model.set_inference_config(cfg.inference)
     response = trainer.predict(model, dataloader)       # batches of {"sentences", "answers", ...}
 
 Lightning does the loop, devices, precision, accumulation, clipping and checkpointing; this file only
@@ -18,24 +18,28 @@ tensors: the frozen base is reloaded from its own file, so a checkpoint is megab
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from .checkpoints import load_base_model
 from .config import default_config
-from .data import SFTDataset
 from .generation import generate_ids, stop_token_ids
 from .metrics import clean_prediction, score_predictions
 from .model import GPT
+from .peft import PEFTConfig, ParameterSummary, add_adapter, load_adapters
 from .precision import cast_frozen_weights
+from .pretrained import load_base_model
+from .qlora import quantize_base
 from .sampler import ResumableRandomSampler
+from .sft_data import SFTCollator, SFTDataset
+from .squad import chat_message, split_context
 from .tokenizer import Tokenizer
 
-_CHAT_PREFIX, _CHAT_SUFFIX = "User: ", "\n\nAssistant:"
+SHAPE_MULTIPLE = 32  # pad sequence lengths to this multiple (sft_data.SFTCollator)
+LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16}
 
 
 class SFTModel(pl.LightningModule):
@@ -45,9 +49,11 @@ class SFTModel(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = model.train()  # loaders return eval mode; Lightning switches modes from here on
+        self.model.activations_checkpointing = cfg.model.activations_checkpointing
         self.tokenizer = tokenizer
         self.inference_cfg: dict[str, Any] = OmegaConf.to_container(cfg.inference, resolve=True)
         self.strict_loading = False  # checkpoints hold the adapter tensors only
+        self._step_losses: list[torch.Tensor] = []
         self._val_predictions: list[str] = []
         self._val_references: list[list[str]] = []
 
@@ -55,28 +61,28 @@ class SFTModel(pl.LightningModule):
 
     @classmethod
     def restore_from(cls, restore_path: str | None = None, cfg: DictConfig | None = None,
-                     trainer: pl.Trainer | None = None, dtype: torch.dtype = torch.float32) -> "SFTModel":
+                     trainer: pl.Trainer | None = None) -> "SFTModel":
         """Load the base model (name, .gguf or HF directory) and wrap it.
 
-        ``trainer`` is accepted for NeMo compatibility; Lightning attaches the trainer in ``fit``/``predict``.
+        With a ``trainer`` whose precision is ``bf16-mixed`` the frozen matrices are loaded straight in
+        bf16 (from a bf16 cache file after the first time), so no float32 copy of the base is ever made.
         """
         cfg = cfg if cfg is not None else default_config()
+        dtype = LOW_PRECISION.get(str(trainer.precision), torch.float32) if trainer is not None else torch.float32
         model, tokenizer = load_base_model(restore_path or cfg.model.restore_from_path, dtype=dtype)
+        quantize_base(model, cfg.model.quantized_base)  # QLoRA (qlora.py); None leaves the base as loaded
         return cls(cfg, model, tokenizer)
 
-    def add_adapter(self, peft_cfgs) -> Any:
+    def add_adapter(self, peft_cfgs: PEFTConfig | Sequence[PEFTConfig]) -> ParameterSummary:
         """Freeze the base and insert the PEFT modules (``lora_tutorial.peft.add_adapter``); returns the summary."""
-        from .peft import add_adapter
-
         return add_adapter(self.model, peft_cfgs)
 
-    def load_adapters(self, path: str, peft_cfgs=None) -> None:
+    def load_adapters(self, path: str) -> list[PEFTConfig]:
         """Load an adapter file written by training (the PEFT configs are stored in it)."""
-        from .peft import load_adapters
-
-        load_adapters(self.model, path)
+        return load_adapters(self.model, path)
 
     def set_inference_config(self, inference_cfg: dict | DictConfig) -> None:
+        """Update the decoding options (``greedy``, ``tokens_to_generate``...) used by ``predict_step``."""
         if isinstance(inference_cfg, DictConfig):
             inference_cfg = OmegaConf.to_container(inference_cfg, resolve=True)
         unknown = set(inference_cfg) - set(self.inference_cfg)
@@ -89,47 +95,51 @@ class SFTModel(pl.LightningModule):
         """Under ``bf16-mixed`` / ``16-mixed``, store the frozen weights in that dtype (see precision.py).
 
         Autocast would round them at every matmul anyway; stored rounded they take half the memory and
-        skip that conversion. The adapters, added before ``fit``/``predict``, stay float32.
+        skip that conversion. The adapters stay float32. (A no-op when ``restore_from`` already loaded them so.)
         """
-        dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-        dtype = dtypes.get(str(self.trainer.precision))
+        dtype = LOW_PRECISION.get(str(self.trainer.precision))
         if dtype is not None:
             cast_frozen_weights(self.model, dtype)
 
     # -- data ----------------------------------------------------------------------------------
 
     def build_dataset(self, ds_cfg: DictConfig, is_train: bool = False) -> SFTDataset:
-        """An ``SFTDataset`` from one ``model.data.*_ds`` section."""
-        files = list(ds_cfg.file_names) if not isinstance(ds_cfg.file_names, str) else [ds_cfg.file_names]
-        dataset = SFTDataset(
-            files, self.tokenizer, max_seq_length=ds_cfg.max_seq_length, prompt_template=ds_cfg.prompt_template,
-            add_bos=ds_cfg.add_bos, add_eos=ds_cfg.add_eos, truncation_field=ds_cfg.truncation_field,
-            answer_only_loss=ds_cfg.answer_only_loss,
+        """An ``SFTDataset`` from one ``model.data.*_ds`` section (SQuAD prompts: only the context is cut)."""
+        return SFTDataset(
+            list(ds_cfg.file_names), self.tokenizer, max_seq_length=ds_cfg.max_seq_length,
+            prompt_template=ds_cfg.prompt_template, add_bos=ds_cfg.add_bos, add_eos=ds_cfg.add_eos,
+            truncation_field=ds_cfg.truncation_field, answer_only_loss=ds_cfg.answer_only_loss,
             concat_sampling_probabilities=ds_cfg.concat_sampling_probabilities if is_train else None,
-            num_samples=ds_cfg.num_samples if is_train else None, seed=self.cfg.model.seed)
-        if ds_cfg.limit:
-            dataset = torch.utils.data.Subset(dataset, range(min(ds_cfg.limit, len(dataset))))
-            dataset.collate_fn = dataset.dataset.collate_fn
-        return dataset
+            num_samples=ds_cfg.num_samples if is_train else None, seed=self.cfg.model.seed, limit=ds_cfg.limit,
+            context_splitter=split_context)
 
-    def build_dataloader(self, ds_cfg: DictConfig, is_train: bool = False, dataset=None) -> DataLoader:
+    def build_dataloader(self, ds_cfg: DictConfig, is_train: bool = False,
+                         dataset: SFTDataset | None = None) -> DataLoader:
+        """Training: a resumable shuffled stream; evaluation: batches of similar prompt length, so that
+        generation pads little (results come back with their golds, so the order does not matter)."""
         dataset = dataset if dataset is not None else self.build_dataset(ds_cfg, is_train)
         batch_size = ds_cfg.micro_batch_size or self.cfg.model.micro_batch_size
-        sampler = self._train_sampler(len(dataset)) if is_train else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataset.collate_fn,
+        sampler = self._train_sampler(dataset) if is_train else dataset.indices_by_length()
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.collator(),
                           num_workers=ds_cfg.num_workers, persistent_workers=ds_cfg.num_workers > 0)
 
-    def _train_sampler(self, size: int) -> ResumableRandomSampler:
-        """Exactly the examples the remaining optimizer steps need, starting after those already seen."""
-        trainer = self.trainer
-        micro = self.cfg.model.micro_batch_size
+    def collator(self) -> SFTCollator:
+        """Right-padding to a multiple of 32 tokens: a few dozen shapes for the CPU's kernels (sft_data.py)."""
+        return SFTCollator(self.tokenizer.pad_id, pad_to_multiple_of=SHAPE_MULTIPLE)
+
+    def _train_sampler(self, dataset: SFTDataset) -> ResumableRandomSampler:
+        """Exactly the examples the remaining optimizer steps need, starting after those already seen,
+        in micro-batches of similar length when ``length_grouping`` is on."""
+        trainer, ds_cfg, micro = self.trainer, self.cfg.model.data.train_ds, self.cfg.model.micro_batch_size
         per_step = micro * trainer.accumulate_grad_batches
         max_steps = trainer.max_steps if trainer.max_steps > 0 else math.ceil(
-            (trainer.max_epochs or 1) * size / (per_step * trainer.world_size))
+            (trainer.max_epochs or 1) * len(dataset) / (per_step * trainer.world_size))
         start = self.global_step * per_step
-        return ResumableRandomSampler(size, max_steps * per_step - start, seed=self.cfg.model.seed, start=start,
-                                      rank=trainer.global_rank, world_size=trainer.world_size,
-                                      shuffle=self.cfg.model.data.train_ds.shuffle)
+        grouped = ds_cfg.length_grouping and micro > 1
+        return ResumableRandomSampler(len(dataset), max_steps * per_step - start, seed=self.cfg.model.seed, start=start,
+                                      rank=trainer.global_rank, world_size=trainer.world_size, shuffle=ds_cfg.shuffle,
+                                      length_of=dataset.token_length if grouped else None,
+                                      group=32 * micro * trainer.world_size, batch=micro)
 
     def train_dataloader(self) -> DataLoader:
         return self.build_dataloader(self.cfg.model.data.train_ds, is_train=True)
@@ -143,23 +153,32 @@ class SFTModel(pl.LightningModule):
         # Batches are right-padded: under causal attention real tokens never look at the pads to their
         # right, and pad labels are -100, so no attention mask is needed (the fast causal kernel runs).
         loss = self.model.loss(batch["input_ids"], batch["labels"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["input_ids"].shape[0])
+        self._step_losses.append(loss.detach())
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log one training loss per optimizer step: the mean over its accumulated micro-batches."""
+        if self._step_losses:
+            self.log("train_loss", torch.stack(self._step_losses).mean(), prog_bar=True)
+            self.log("lr", optimizer.param_groups[0]["lr"])
+            self.log("trained_steps", float(self.global_step + 1))  # this step, counted from 1 (see analysis.read_metrics)
+        self._step_losses = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model.loss(batch["input_ids"], batch["labels"])
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        if self.cfg.model.data.validation_ds.metric == "squad":
-            tokens = self.cfg.model.data.validation_ds.tokens_to_generate
-            self._val_predictions += self.generate_answers(batch, tokens_to_generate=tokens, greedy=True)
+        ds_cfg = self.cfg.model.data.validation_ds
+        if ds_cfg.metric == "squad":
+            self._val_predictions += self.generate_answers(batch, tokens_to_generate=ds_cfg.tokens_to_generate,
+                                                           greedy=True)
             self._val_references += batch["answers"]
 
     def on_validation_epoch_end(self) -> None:
         if self._val_predictions:
             scores = score_predictions(self._val_predictions, self._val_references)
-            self.log("val_em", scores["exact_match"], prog_bar=True)
-            self.log("val_f1", scores["f1"], prog_bar=True)
+            self.log("val_em", scores.exact_match, prog_bar=True)
+            self.log("val_f1", scores.f1, prog_bar=True)
+        self.log("trained_steps", float(self.global_step))  # 0: measured before any training
         self._val_predictions, self._val_references = [], []
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
@@ -171,35 +190,37 @@ class SFTModel(pl.LightningModule):
     # -- generation ----------------------------------------------------------------------------
 
     def prompt_ids(self, batch: dict, use_chat_template: bool = False) -> list[list[int]]:
-        """The token ids to generate from: each example's (possibly truncated) prompt."""
+        """The token ids to generate from: each example's (possibly truncated) prompt, or the prompt as
+        one message in the base model's chat template (the fair zero-shot setting for an instruct model)."""
         if not use_chat_template:
             return [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lens"])]
-        chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": _as_chat_message(p)}])
+        chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": chat_message(p)}])
                  for p in batch["prompts"]]
         return [self.tokenizer.encode(c) for c in chats]
 
     @torch.no_grad()
-    def generate_answers(self, batch: dict, **overrides) -> list[str]:
-        """Answers (cleaned: first line, no special tokens) for one collated batch."""
+    def generate_answers(self, batch: dict, generator: torch.Generator | None = None, **overrides: Any) -> list[str]:
+        """Answers (cleaned: first line, no special tokens) for one collated batch.
+
+        ``overrides`` change the inference config for this call; ``generator`` makes sampling repeatable.
+        """
         opts = {**self.inference_cfg, **overrides}
-        prompts = self.prompt_ids(batch, opts.get("use_chat_template", False))
-        stop = stop_token_ids(self.tokenizer)
+        prompts = self.prompt_ids(batch, opts["use_chat_template"])
         new_ids = generate_ids(self.model, prompts, tokens_to_generate=opts["tokens_to_generate"],
                                greedy=opts["greedy"], temperature=opts["temperature"], top_k=opts["top_k"],
                                top_p=opts["top_p"], repetition_penalty=opts["repetition_penalty"],
-                               stop_ids=stop, pad_id=self.tokenizer.pad_id)
+                               stop_ids=stop_token_ids(self.tokenizer), pad_id=self.tokenizer.pad_id,
+                               generator=generator)
         return [clean_prediction(self.tokenizer.decode(ids)) for ids in new_ids]
 
     # -- optimisation --------------------------------------------------------------------------
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         optim = self.cfg.model.optim
-        if optim.name.lower() not in {"adamw", "adam"}:
-            raise ValueError(f"model.optim.name={optim.name!r}; supported: adamw, adam")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: call add_adapter(...) before trainer.fit(model)")
-        cls = torch.optim.AdamW if optim.name.lower() == "adamw" else torch.optim.Adam
+        cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
         optimizer = cls(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         schedule = warmup_cosine(optim.sched.warmup_steps, total, optim.sched.min_lr / optim.lr)
@@ -213,7 +234,7 @@ class SFTModel(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -221,11 +242,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def _as_chat_message(prompt: str) -> str:
-    """The seed prompt "User: ... \\n\\nAssistant:" as the content of one chat message."""
-    return prompt.removeprefix(_CHAT_PREFIX).removesuffix(_CHAT_SUFFIX).strip()
 
 
 def collect_predictions(response: Sequence[dict]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -236,3 +252,6 @@ def collect_predictions(response: Sequence[dict]) -> tuple[list[str], list[list[
         golds += batch["golds"]
         prompts += batch["prompts"]
     return answers, golds, prompts
+
+
+__all__ = ["SFTModel", "collect_predictions", "warmup_cosine"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# OMP_NUM_THREADS (when set) wins: on a shared machine the suite must not take every core.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
 
 SHARED_SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
 
@@ -25,7 +26,7 @@ def smollm2():
 def hf_smollm2():
     """HF transformers' own LlamaForCausalLM loaded from the same GGUF file: the reference implementation."""
     import transformers
-    from lora_tutorial.checkpoints import resolve_model_path
+    from lora_tutorial.pretrained import resolve_model_path
 
     path = resolve_model_path("smollm2-135m-instruct")
     transformers.logging.set_verbosity_error()

@@ -1,55 +1,28 @@
-"""The GPT model on tiny random configs: parity with HF transformers, KV cache, padding, loss."""
+"""The GPT model on tiny random configs: parity with HF transformers (logits, padding, the fused QKV split),
+the loss, the parameter count, and the PEFT record a fresh model starts with."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from lora_tutorial import load_base_model
-from lora_tutorial.generation import generate_ids
 from lora_tutorial.model import GPT, GPTConfig
 
-from helpers import random_ids, tiny_gpt2_config, tiny_llama_config, tiny_model, write_tiny_tokenizer
-
-transformers.logging.set_verbosity_error()
+from helpers import TINY_LLAMA_PARAMS, logits, random_ids, save_hf_gpt2, save_hf_llama, tiny_llama_config, tiny_model
 
 
-def _save_hf_llama(tmp_path, seed=0):
-    torch.manual_seed(seed)
-    hf_config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.no_grad():  # non-trivial norm gains so a swapped/ignored norm weight shows up
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path)
-    write_tiny_tokenizer(tmp_path)
-    return hf
-
-
-def _save_hf_gpt2(tmp_path, seed=0):
-    torch.manual_seed(seed)
-    hf_config = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "ln" in name or "bias" in name:
-                p.uniform_(-0.5, 1.5)
-    hf.save_pretrained(tmp_path)
-    write_tiny_tokenizer(tmp_path)
-    return hf
+def _save(family, path):
+    return save_hf_llama(path) if family == "llama" else save_hf_gpt2(path)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_logits_match_hf_transformers(tmp_path, family):
-    hf = _save_hf_llama(tmp_path) if family == "llama" else _save_hf_gpt2(tmp_path)
+    hf = _save(family, tmp_path)
     ours, tokenizer = load_base_model(tmp_path)
     assert ours.config.position == ("rope" if family == "llama" else "learned")
-    ids = random_ids(2, 20, 300)
+    ids = random_ids(2, 20, hf.config.vocab_size)
     with torch.no_grad():
         diff = (ours(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-3
@@ -59,9 +32,9 @@ def test_logits_match_hf_transformers(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batch_matches_hf_with_attention_mask(tmp_path, family):
-    hf = _save_hf_llama(tmp_path) if family == "llama" else _save_hf_gpt2(tmp_path)
+    hf = _save(family, tmp_path)
     ours, _ = load_base_model(tmp_path)
-    ids = random_ids(2, 12, 300, seed=3)
+    ids = random_ids(2, 12, hf.config.vocab_size, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # row 0 is left-padded by 5
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -72,52 +45,64 @@ def test_left_padded_batch_matches_hf_with_attention_mask(tmp_path, family):
     assert (mine[real] - theirs[real]).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("make_config", [tiny_llama_config, tiny_gpt2_config])
-def test_kv_cache_decoding_equals_full_recompute(make_config):
-    model = tiny_model(make_config())
-    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    with_cache = generate_ids(model, prompts, tokens_to_generate=12, use_cache=True)
-    without = generate_ids(model, prompts, tokens_to_generate=12, use_cache=False)
-    assert with_cache == without
-    assert all(len(row) == 12 for row in with_cache)
+def test_qkv_sizes_split_the_fused_projection_into_hf_q_k_v(tmp_path):
+    hf = save_hf_llama(tmp_path)
+    ours, _ = load_base_model(tmp_path)
+    x = torch.randn(3, 5, ours.config.d_model, generator=torch.Generator().manual_seed(0))
+    attn = hf.model.layers[1].self_attn
+    with torch.no_grad():
+        q, k, v = ours.blocks[1].attention.attention_qkv(x).split(ours.config.qkv_sizes, dim=-1)
+        torch.testing.assert_close(q, attn.q_proj(x))
+        torch.testing.assert_close(k, attn.k_proj(x))
+        torch.testing.assert_close(v, attn.v_proj(x))
 
 
-@pytest.mark.parametrize("make_config", [tiny_llama_config, tiny_gpt2_config])
-def test_left_padded_batch_gives_each_prompt_alone(make_config):
-    model = tiny_model(make_config(), seed=1)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
-    batched = generate_ids(model, prompts, tokens_to_generate=8)
-    alone = [generate_ids(model, [p], tokens_to_generate=8)[0] for p in prompts]
-    assert batched == alone
-
-
-def test_generation_stops_at_stop_id():
-    model = tiny_model(tiny_llama_config(), seed=2)
-    free = generate_ids(model, [[1, 2, 3]], tokens_to_generate=10)[0]
-    stop = free[3]
-    cut = generate_ids(model, [[1, 2, 3]], tokens_to_generate=10, stop_ids=[stop])[0]
-    assert cut == free[:free.index(stop)]
+def test_last_only_and_hidden_states_agree_with_the_full_forward():
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    full = logits(model, ids)
+    torch.testing.assert_close(logits(model, ids, last_only=True), full[:, -1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.hidden_states(ids)), full)
 
 
 def test_loss_equals_cross_entropy_of_full_logits():
-    model = tiny_model(tiny_llama_config())
-    ids = random_ids(2, 10, 101, seed=4)
+    model = tiny_model()
+    ids = random_ids(2, 10, seed=4)
     labels = ids.clone()
     labels[:, :6] = -100  # answer-only: the first 6 tokens are the prompt
-    logits = model(ids)
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert torch.allclose(model.loss(ids, labels), expected, atol=1e-5)
+    out = model(ids)
+    expected = F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model.loss(ids, labels), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="every label is -100"):
         model.loss(ids, torch.full_like(ids, -100))
 
 
-def test_fused_projection_names_exist_for_peft():
-    for config in (tiny_llama_config(), tiny_gpt2_config()):
-        block = GPT(config).blocks[0]
-        assert block.attention.attention_qkv.out_features == (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        assert block.mlp.mlp_fc1.out_features == (2 if config.mlp == "swiglu" else 1) * config.d_ff
-        assert isinstance(block.attention.attention_dense, torch.nn.Linear)
-        assert isinstance(block.mlp.mlp_fc2, torch.nn.Linear)
+def test_num_parameters_counts_tied_weights_once_by_hand():
+    model = tiny_model()
+    assert model.lm_head.weight is model.wte.weight
+    assert model.num_parameters() == TINY_LLAMA_PARAMS
+    untied = tiny_model(tiny_llama_config(tie_embeddings=False))
+    assert untied.num_parameters() == TINY_LLAMA_PARAMS + 101 * 32  # plus a head of its own
+    model.blocks[0].norm_1.weight.requires_grad_(False)
+    assert model.num_parameters(trainable_only=True) == TINY_LLAMA_PARAMS - 32
+
+
+def test_a_fresh_model_has_an_empty_peft_record_of_its_own():
+    a, b = GPT(tiny_llama_config()), GPT(tiny_llama_config(), name_or_path="somewhere")
+    assert a.peft_configs == [] and a.virtual_prompt is None and a.n_virtual_tokens == 0
+    a.peft_configs.append("x")
+    assert b.peft_configs == []  # not a shared class-level list
+    assert (a.name_or_path, b.name_or_path) == ("", "somewhere")
+
+
+def test_a_full_kv_cache_is_an_error():
+    model = tiny_model()
+    cache = model.new_cache(1, 4)
+    with torch.no_grad():
+        model(random_ids(1, 4), cache=cache)
+        with pytest.raises(ValueError, match="KVCache is full"):
+            model(random_ids(1, 1), cache=cache)
 
 
 def test_bad_config_is_a_clear_error():
@@ -125,3 +110,29 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(n_head=9, n_kv_head=2)
+    with pytest.raises(ValueError, match="d_model"):
+        GPTConfig(d_model=100, n_head=9, n_kv_head=3)
+
+
+
+def test_activations_checkpointing_gives_the_same_loss_and_gradients():
+    from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+
+    model = tiny_model()
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=4, alpha=8.0, row_init_method="normal"), verbose=False)
+    model.train()
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :5] = -100
+
+    def loss_and_grads(checkpointing: bool):
+        model.zero_grad()
+        model.activations_checkpointing = checkpointing
+        loss = model.loss(ids, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = loss_and_grads(False)
+    ckpt_loss, ckpt = loss_and_grads(True)
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)

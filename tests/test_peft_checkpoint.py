@@ -11,23 +11,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_tutorial.model import GPT, GPTConfig, init_weights
+from lora_tutorial.model import GPT
 from lora_tutorial.peft import (AdapterCheckpointError, AdapterPEFTConfig, IA3PEFTConfig, LoraPEFTConfig,
-                                PtuningPEFTConfig, add_adapter, adapter_parameters, base_fingerprint,
-                                freeze_prompt_encoder, load_adapters, merge_lora, peft_modules, save_adapters)
+                                PtuningPEFTConfig, add_adapter, adapter_parameters, freeze_prompt_encoder,
+                                load_adapters, merge_lora, save_adapters)
+from lora_tutorial.peft.checkpoint import adapter_state_dict, base_fingerprint, read_adapter_file
+from lora_tutorial.peft.inject import peft_modules
+from lora_tutorial.precision import cast_frozen_weights
 
-VOCAB = 97
-
-
-def tiny_base(seed: int = 0, n_layer: int = 2) -> GPT:
-    config = GPTConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
-                       max_seq_len=128)
-    model = init_weights(GPT(config), std=0.1, seed=seed).eval()
-    model.name_or_path = f"tiny-seed{seed}"
-    return model
+from helpers import logits, random_ids, randomize_adapters, tiny_llama_config, tiny_model
 
 
-X = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+def named_base(seed: int = 0, n_layer: int = 2) -> GPT:
+    """A tiny base whose name says which weights it has (adapter files record it)."""
+    return tiny_model(tiny_llama_config(n_layer=n_layer), seed=seed, name_or_path=f"tiny-seed{seed}")
+
+
+X = random_ids(2, 10)
 PTUNING = PtuningPEFTConfig(None, virtual_tokens=3, bottleneck_dim=16, embedding_dim=8)
 CONFIGS = {
     "lora": [LoraPEFTConfig(None, target_modules=["all"], adapter_dim=4, layer_selection=[1])],
@@ -42,18 +42,10 @@ CONFIGS = {
 
 def trained(configs, seed: int = 0) -> GPT:
     """A tiny base with adapters whose tensors are random (as after training)."""
-    model = tiny_base(seed)
+    model = named_base(seed)
     add_adapter(model, configs, verbose=False)
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for p in adapter_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapters(model, seed=123)
     return model
-
-
-def logits(model, x=X):
-    with torch.no_grad():
-        return model(x)
 
 
 @pytest.fixture
@@ -86,15 +78,15 @@ def assert_untouched(model: GPT) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_save_then_load_into_a_fresh_base_reproduces_the_logits_exactly(tmp_path, name):
     model = trained(CONFIGS[name])
-    expected = logits(model)
+    expected = logits(model, X)
     path = save_adapters(model, tmp_path / "adapter.safetensors")
 
-    fresh = tiny_base()
-    assert not torch.equal(logits(fresh), expected)
+    fresh = named_base()
+    assert not torch.equal(logits(fresh, X), expected)
     configs = load_adapters(fresh, path)
     assert [c.scheme for c in configs] == [c.scheme for c in model.peft_configs]
     assert fresh.peft_configs == model.peft_configs
-    assert torch.equal(logits(fresh), expected)
+    assert torch.equal(logits(fresh, X), expected)
     # Training can resume: exactly the adapter tensors are trainable again.
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert trainable == set(adapter_parameters(fresh))
@@ -104,17 +96,17 @@ def test_a_frozen_prompt_round_trips(tmp_path):
     model = trained([PTUNING])
     freeze_prompt_encoder(model)
     path = save_adapters(model, tmp_path / "frozen.safetensors")
-    fresh = tiny_base()
+    fresh = named_base()
     load_adapters(fresh, path)
     assert type(fresh.virtual_prompt).__name__ == "FrozenPrompt"
-    assert torch.equal(logits(fresh), logits(model))
+    assert torch.equal(logits(fresh, X), logits(model, X))
 
 
 def test_load_into_a_model_that_already_has_the_same_adapters(lora_file):
-    model = tiny_base()
+    model = named_base()
     add_adapter(model, CONFIGS["lora"], verbose=False)
     load_adapters(model, lora_file)
-    assert torch.equal(logits(model), logits(trained(CONFIGS["lora"])))
+    assert torch.equal(logits(model, X), logits(trained(CONFIGS["lora"]), X))
 
 
 def test_the_file_holds_only_adapter_tensors_and_readable_metadata(lora_file):
@@ -127,15 +119,35 @@ def test_the_file_holds_only_adapter_tensors_and_readable_metadata(lora_file):
                      for m in "AB"}
     assert info["base_model"] == "tiny-seed0"
     assert info["peft_configs"][0]["scheme"] == "lora" and info["peft_configs"][0]["adapter_dim"] == 4
-    assert info["base_fingerprint"] == base_fingerprint(tiny_base())
+    assert info["base_fingerprint"] == base_fingerprint(named_base())
 
 
 def test_fingerprint_ignores_dtype_and_adapters_but_not_weights():
-    model = tiny_base()
+    model = named_base()
     fp = base_fingerprint(model)
     assert base_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == fp
     assert base_fingerprint(trained(CONFIGS["everything"])) == fp
-    assert base_fingerprint(tiny_base(seed=1)) != fp
+    assert base_fingerprint(named_base(seed=1)) != fp
+
+
+def test_read_adapter_file_gives_the_adapter_tensors_and_configs(lora_file):
+    model = trained(CONFIGS["lora"])
+    tensors, info = read_adapter_file(lora_file)
+    expected = adapter_state_dict(model)
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], expected[k]) for k in tensors)
+    assert all(not t.requires_grad for t in expected.values())  # detached copies of the parameters
+    assert info["peft_configs"] == CONFIGS["lora"] and info["base_model"] == "tiny-seed0"
+
+
+def test_adapters_load_onto_the_same_base_in_bf16_as_float32(lora_file):
+    bf16 = named_base().requires_grad_(False)
+    cast_frozen_weights(bf16, torch.bfloat16)
+    load_adapters(bf16, lora_file)  # the fingerprint is the same base, whatever its dtype
+    params = adapter_parameters(bf16)
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    fp32 = logits(trained(CONFIGS["lora"]), X)
+    assert (logits(bf16, X).float().argmax(-1) == fp32.argmax(-1)).float().mean() > 0.9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +156,7 @@ def test_fingerprint_ignores_dtype_and_adapters_but_not_weights():
 
 def test_missing_file(tmp_path):
     with pytest.raises(AdapterCheckpointError, match="nope.safetensors: no such adapter file"):
-        load_adapters(tiny_base(), tmp_path / "nope.safetensors")
+        load_adapters(named_base(), tmp_path / "nope.safetensors")
 
 
 def test_truncated_and_corrupt_files(lora_file, tmp_path):
@@ -154,7 +166,7 @@ def test_truncated_and_corrupt_files(lora_file, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01not a safetensors file at all" * 10)
     for path in (truncated, garbage):
-        model = tiny_base()
+        model = named_base()
         with pytest.raises(AdapterCheckpointError, match=rf"{path.name}: not a readable safetensors file"):
             load_adapters(model, path)
         assert_untouched(model)
@@ -164,7 +176,7 @@ def test_a_safetensors_file_that_is_not_an_adapter_file(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(AdapterCheckpointError, match="not an adapter file written by"):
-        load_adapters(tiny_base(), path)
+        load_adapters(named_base(), path)
 
 
 def test_corrupt_metadata(lora_file, tmp_path):
@@ -172,16 +184,16 @@ def test_corrupt_metadata(lora_file, tmp_path):
         info["peft_configs"][0]["adapter_dim"] = "many"
     path = rewrite(lora_file, tmp_path / "meta.safetensors", scramble)
     with pytest.raises(AdapterCheckpointError, match="meta.safetensors: corrupt adapter metadata"):
-        load_adapters(tiny_base(), path)
+        load_adapters(named_base(), path)
 
 
 def test_another_base_model_is_refused(lora_file):
-    other = tiny_base(seed=1)
+    other = named_base(seed=1)
     with pytest.raises(AdapterCheckpointError, match=r"adapter.safetensors: .*another base model \(tiny-seed0.*"
                                                      r"different weights"):
         load_adapters(other, lora_file)
     assert_untouched(other)
-    deeper = tiny_base(n_layer=3)
+    deeper = named_base(n_layer=3)
     with pytest.raises(AdapterCheckpointError, match=r"config differs: n_layer=2 in the file, 3 in the model"):
         load_adapters(deeper, lora_file)
     # An explicit opt-out loads anyway (here a same-shaped but different base).
@@ -190,11 +202,11 @@ def test_another_base_model_is_refused(lora_file):
 
 
 def test_another_method_or_config_is_refused(lora_file):
-    model = tiny_base()
+    model = named_base()
     add_adapter(model, IA3PEFTConfig(), verbose=False)
     with pytest.raises(AdapterCheckpointError, match="holds lora adapters, but the model already has ia3"):
         load_adapters(model, lora_file)
-    model = tiny_base()
+    model = named_base()
     add_adapter(model, LoraPEFTConfig(None, target_modules=["all"], adapter_dim=8, layer_selection=[1]),
                 verbose=False)
     with pytest.raises(AdapterCheckpointError, match="adapter_dim=4 in the file, 8 in the model"):
@@ -208,24 +220,40 @@ def test_missing_extra_and_misshapen_tensors(lora_file, tmp_path):
         del tensors[name]
 
     def add(tensors, info):
-        tensors["blocks.0.attention.attention_qkv.lora_A"] = torch.zeros(4, 64)
+        tensors["blocks.0.attention.attention_qkv.lora_A"] = torch.zeros(4, 32)
 
     def reshape(tensors, info):
-        tensors[name] = torch.zeros(5, 64)
+        tensors[name] = torch.zeros(5, 32)
 
     cases = [(drop, rf"1 missing \(e.g. {name}\)"), (add, r"1 unexpected \(e.g. blocks.0.attention"),
-             (reshape, rf"tensor {name} has shape \(5, 64\), the model expects \(4, 64\)")]
+             (reshape, rf"tensor {name} has shape \(5, 32\), the model expects \(4, 32\)")]
     for edit, match in cases:
         path = rewrite(lora_file, tmp_path / f"{edit.__name__}.safetensors", edit)
-        model = tiny_base()
+        model = named_base()
         with pytest.raises(AdapterCheckpointError, match=rf"{edit.__name__}.safetensors: .*{match}"):
             load_adapters(model, path)
         assert_untouched(model)  # the adapters inserted for the load were removed again
 
 
+def test_a_failed_load_of_nested_adapters_rolls_back_too(tmp_path):
+    """Every method at once nests wrappers (adapter over IA3 over LoRA); a bad tensor must still leave a plain base."""
+    path = save_adapters(trained(CONFIGS["everything"]), tmp_path / "all.safetensors")
+
+    def reshape(tensors, info):
+        tensors["blocks.1.mlp.mlp_fc2.adapter.down.weight"] = torch.zeros(3, 32)
+
+    bad = rewrite(path, tmp_path / "bad.safetensors", reshape)
+    model = named_base()
+    reference = logits(model, X)
+    with pytest.raises(AdapterCheckpointError, match="blocks.1.mlp.mlp_fc2.adapter.down.weight has shape"):
+        load_adapters(model, bad)
+    assert_untouched(model)
+    assert torch.equal(logits(model, X), reference)
+
+
 def test_save_refuses_a_model_without_adapters_or_with_merged_lora(tmp_path):
     with pytest.raises(ValueError, match="no adapters"):
-        save_adapters(tiny_base(), tmp_path / "a.safetensors")
+        save_adapters(named_base(), tmp_path / "a.safetensors")
     model = trained(CONFIGS["lora"])
     merge_lora(model)
     with pytest.raises(AdapterCheckpointError, match="unmerge_lora"):
@@ -240,7 +268,7 @@ def test_save_refuses_a_model_without_adapters_or_with_merged_lora(tmp_path):
 def test_real_lora_r32_qkv_checkpoint_size_and_round_trip(smollm2, tmp_path):
     base, tokenizer = smollm2
     model = copy.deepcopy(base)
-    add_adapter(model, LoraPEFTConfig(), verbose=False)
+    add_adapter(model, LoraPEFTConfig(None, target_modules=["attention_qkv"]), verbose=False)
     with torch.no_grad():
         for name, p in adapter_parameters(model).items():
             if name.endswith("lora_B"):

@@ -14,16 +14,66 @@ import json
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402 - a dev dependency: the reference implementation
 
+from lora_tutorial import load_base_model  # noqa: E402
 from lora_tutorial.peft import IA3PEFTConfig, LoraPEFTConfig, add_adapter, export_hf_peft  # noqa: E402
+from lora_tutorial.peft.hf_export import hf_modules_of  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
+from helpers import logits, random_ids, save_hf_llama, tiny_model  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 PROMPT = ("User: Context: The Amazon rainforest covers much of the Amazon basin of South America. "
           "Question: Which basin does the Amazon rainforest cover?\n\nAssistant: the Amazon basin")
 TOL = 1e-3  # our base already matches HF to ~5e-5; a wrong adapter gives differences of order 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny HF Llama (fast)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_hf_module_names_exist_in_transformers_llama(tmp_path):
+    hf = save_hf_llama(tmp_path)
+    for target in ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"):
+        for name in hf_modules_of(target):
+            assert isinstance(hf.get_submodule(f"model.layers.1.{name}"), torch.nn.Linear), name
+    assert [n.split(".")[-1] for n in hf_modules_of("attention_qkv")] == ["q_proj", "k_proj", "v_proj"]
+    assert [n.split(".")[-1] for n in hf_modules_of("mlp_fc1")] == ["gate_proj", "up_proj"]
+
+
+@pytest.mark.parametrize("targets, layers", [(["all"], None), (["attention_qkv", "mlp_fc1"], [1])])
+def test_export_hf_peft_of_a_tiny_llama_loads_in_peft_with_the_same_logits(tmp_path, targets, layers):
+    hf = save_hf_llama(tmp_path / "base")
+    ours, _ = load_base_model(tmp_path / "base")
+    add_adapter(ours, LoraPEFTConfig(None, target_modules=targets, adapter_dim=4, alpha=8, layer_selection=layers),
+                verbose=False)
+    _randomize_lora(ours, seed=5, std=0.3)
+    x = random_ids(2, 12, hf.config.vocab_size)
+    expected = logits(ours, x)
+    export_hf_peft(ours, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    theirs = _hf_logits(peft_model, x)
+    with torch.no_grad(), peft_model.disable_adapter():
+        base = peft_model(input_ids=x).logits
+    assert (expected - base).abs().max() > 1e-2  # the adapter changes the model...
+    assert (expected - theirs).abs().max() < 1e-4  # ...and PEFT agrees on how
+
+
+def test_export_refuses_other_methods(tmp_path):
+    model = tiny_model()
+    add_adapter(model, IA3PEFTConfig(), verbose=False)
+    with pytest.raises(ValueError, match="LoRA only"):
+        export_hf_peft(model, tmp_path)
+    with pytest.raises(ValueError, match="no adapters"):
+        export_hf_peft(tiny_model(), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model (slow)
+# ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +82,13 @@ def ids(smollm2):
     return torch.tensor([tokenizer.encode(PROMPT)])
 
 
-def _randomize_lora(model, seed: int) -> None:
+def _randomize_lora(model, seed: int, std: float = 0.02) -> None:
     """Give every LoRA B (and A) random values large enough to change the logits clearly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _hf_logits(model, ids):
@@ -46,9 +96,10 @@ def _hf_logits(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_lora_qkv_equals_hf_peft_on_q_k_v_with_the_same_tensors(smollm2, hf_smollm2, ids):
     model = copy.deepcopy(smollm2[0])
-    add_adapter(model, LoraPEFTConfig(None, adapter_dim=8, alpha=16), verbose=False)
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=8, alpha=16, target_modules=["attention_qkv"]), verbose=False)
     _randomize_lora(model, seed=1)
     with torch.no_grad():
         ours = model(ids)
@@ -70,6 +121,7 @@ def test_lora_qkv_equals_hf_peft_on_q_k_v_with_the_same_tensors(smollm2, hf_smol
     assert (ours - theirs).abs().max() < TOL  # ...and PEFT agrees on how
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rslora", [False, True])
 def test_export_hf_peft_loads_in_peft_with_the_same_logits(smollm2, hf_smollm2, ids, tmp_path, rslora):
     model = copy.deepcopy(smollm2[0])
@@ -95,13 +147,7 @@ def test_export_hf_peft_loads_in_peft_with_the_same_logits(smollm2, hf_smollm2, 
     assert (ours - theirs).abs().max() < TOL
 
 
-def test_export_refuses_other_methods(smollm2, tmp_path):
-    model = copy.deepcopy(smollm2[0])
-    add_adapter(model, IA3PEFTConfig(), verbose=False)
-    with pytest.raises(ValueError, match="LoRA only"):
-        export_hf_peft(model, tmp_path)
-
-
+@pytest.mark.slow
 def test_ia3_equals_hf_peft_ia3_with_the_same_vectors(smollm2, hf_smollm2, ids):
     model = copy.deepcopy(smollm2[0])
     add_adapter(model, IA3PEFTConfig(), verbose=False)

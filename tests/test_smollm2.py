@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_tutorial import load_base_model
-from lora_tutorial.checkpoints import cache_dir, resolve_model_path
+from lora_tutorial.pretrained import resolve_model_path
 from lora_tutorial.generation import generate
 
 PROMPT = ("User: Context: The Eiffel Tower was completed in 1889 for the World's Fair in Paris. "
@@ -58,31 +57,32 @@ def test_answers_paris(smollm2):
     assert "Paris" in generate(model, tokenizer, prompt, tokens_to_generate=20)
 
 
-def test_batched_cached_generation_equals_single_uncached(smollm2):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_prompt_answers_the_same_in_a_batch_as_alone(smollm2, penalty):
+    """Left-padded batches (cached) give each prompt's own greedy answer, also with a repetition penalty: the
+    pads of the shorter prompts are not "seen" tokens."""
     model, tokenizer = smollm2
-    prompts = [PROMPT, tokenizer.apply_chat_template([{"role": "user", "content": "Name a primary color."}])]
-    batched = generate(model, tokenizer, prompts, tokens_to_generate=12)
-    single_uncached = [generate(model, tokenizer, p, tokens_to_generate=12, use_cache=False) for p in prompts]
-    assert batched == single_uncached
+    prompts = [PROMPT, tokenizer.apply_chat_template([{"role": "user", "content": "Name a primary color."}]),
+               tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])]
+    batched = generate(model, tokenizer, prompts, tokens_to_generate=12, repetition_penalty=penalty)
+    alone = [generate(model, tokenizer, p, tokens_to_generate=12, repetition_penalty=penalty, use_cache=False)
+             for p in prompts]
+    assert batched == alone
 
 
-def test_greedy_matches_hf_generate(smollm2, hf_smollm2):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_matches_hf_generate(smollm2, hf_smollm2, penalty):
     model, tokenizer = smollm2
     hf, _ = hf_smollm2
     ids = tokenizer.encode(PROMPT)
-    ours = generate(model, tokenizer, PROMPT, tokens_to_generate=10)
+    ours = generate(model, tokenizer, PROMPT, tokens_to_generate=10, repetition_penalty=penalty)
     with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=2)
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=10, do_sample=False, repetition_penalty=penalty, eos_token_id=2,
+                          pad_token_id=2)
     assert ours == tokenizer.decode(out[0, len(ids):].tolist())
 
 
-def test_gguf_conversion_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_TUTORIAL_CACHE", str(tmp_path))
-    first, _ = load_base_model()
-    cached = list(tmp_path.glob("*.safetensors"))
-    assert len(cached) == 1
-    second, _ = load_base_model()
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert cache_dir() == tmp_path
-    assert resolve_model_path("smollm2-135m-instruct").suffix == ".gguf"
+def test_the_model_name_resolves_to_the_wheels_gguf():
+    path = resolve_model_path("smollm2-135m-instruct")
+    assert path.suffix == ".gguf" and path.is_file()

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from ..model import GPT
+from ..precision import trainable_dtype
 from .config import AdapterPEFTConfig, select_layers
 from .lora import init_tensor_
+from .wrapping import wrap_targets
 
 
 class BottleneckAdapter(nn.Module):
@@ -81,17 +83,14 @@ class AdapterLinear(nn.Module):
 
 def apply_adapters(model: GPT, cfg: AdapterPEFTConfig) -> list[str]:
     """Put an adapter after ``attention_dense`` and after ``mlp_fc2`` of the selected blocks."""
-    wrapped = []
     weight = model.wte.weight
-    for i in select_layers(len(model.blocks), cfg.layer_selection, cfg.section):
-        block = model.blocks[i]
-        for parent_name, name in (("attention", "attention_dense"), ("mlp", "mlp_fc2")):
-            parent = getattr(block, parent_name)
-            adapter = BottleneckAdapter(model.config.d_model, cfg.adapter_dim, cfg.adapter_dropout, cfg.norm_position,
-                                        cfg.column_init_method, cfg.row_init_method, weight.device, weight.dtype)
-            setattr(parent, name, AdapterLinear(getattr(parent, name), adapter))
-            wrapped.append(f"blocks.{i}.{parent_name}.{name}")
-    return wrapped
+
+    def make(layer: nn.Module) -> AdapterLinear:
+        adapter = BottleneckAdapter(model.config.d_model, cfg.adapter_dim, cfg.adapter_dropout, cfg.norm_position,
+                                    cfg.column_init_method, cfg.row_init_method, weight.device, trainable_dtype(weight.dtype))
+        return AdapterLinear(layer, adapter)
+    layers = select_layers(len(model.blocks), cfg.layer_selection, cfg.section)
+    return wrap_targets(model, layers, ("attention_dense", "mlp_fc2"), make)
 
 
 __all__ = ["BottleneckAdapter", "AdapterLinear", "apply_adapters"]

@@ -1,4 +1,4 @@
-"""Adapter-only checkpoints, and export of LoRA to the Hugging Face PEFT format.
+"""Adapter-only files: save the trained PEFT tensors, load them onto a base model again.
 
 A fine-tuned adapter is tiny next to its base (LoRA r=32 on QKV: 1.5 M numbers, 5.9 MB, against 135 M),
 so we save only the adapter tensors. One ``.safetensors`` file holds everything needed to use them again:
@@ -9,23 +9,21 @@ so we save only the adapter tensors. One ``.safetensors`` file holds everything 
   a few of its tensors. Adapters only make sense on the exact weights they were trained on, so loading
   them on another base is refused with a message instead of silently producing nonsense.
 
+PiSSA / OLoRA adapters (``init_lora_weights: pissa | olora``) change the frozen weight itself: it holds the
+residual ``W - s·B0 A0`` of the initial factors. Their files also hold ``lora_A0`` and ``lora_B0``, and
+``load_adapters`` rebuilds the residual from them on a fresh base (``LoRALinear.set_initial_factors`` says
+why these tensors), so the reloaded model is bit-identical to the saved one.
+
 ``load_adapters`` uses only ``safetensors`` (no pickle, so a checkpoint cannot run code) and checks, in
 order: the file exists and is readable, it was written by ``save_adapters``, the base matches, the
 methods match, and every tensor is present with the right shape. Each failure raises one
 ``AdapterCheckpointError`` that names the file and the problem.
-
-``export_hf_peft`` writes a LoRA as ``adapter_config.json`` + ``adapter_model.safetensors`` for HF
-``peft.PeftModel.from_pretrained`` on a ``LlamaForCausalLM`` of the same base. Our fused matrices are
-split: the QKV update ``B A`` becomes three LoRAs ``B_q A``, ``B_k A``, ``B_v A`` (same A, B cut by rows),
-and ``mlp_fc1``'s becomes ``gate_proj`` and ``up_proj``. No rotary permutation is needed: our q/k rows are
-already in HF's half-split layout (``checkpoints.unpermute_rope_rows`` fixed them at load time).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +32,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..files import atomic_path
 from ..model import GPT
-from .config import CONFIG_CLASSES, TARGET_PARENTS, PEFTConfig
+from .config import CONFIG_CLASSES, PEFTConfig
+from .inject import add_adapter, adapter_modules, adapter_parameters, is_peft_module, remove_adapters
 from .lora import LoRALinear, lora_modules
 from .ptuning import FrozenPrompt, freeze_prompt_encoder
+from .wrapping import unwrap
 
 FORMAT = "lora_tutorial.peft/1"
 METADATA_KEY = "lora_tutorial"
@@ -51,40 +52,36 @@ class AdapterCheckpointError(ValueError):
 # Which tensors are "the adapter", and which base they belong to
 # ----------------------------------------------------------------------------------------------
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The PEFT modules' own parameters by state-dict name (never the wrapped base layers' weights)."""
-    params: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if not getattr(module, "peft_scheme", None):
-            continue
-        for name, p in module.named_parameters():
-            if name.startswith("base."):  # the wrapped layer (or an inner wrapper, which we visit itself)
-                continue
-            params[f"{module_name}.{name}"] = p
-    return params
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Detached tensors of the adapter ``name``, as ``save_adapters`` writes them (with PiSSA / OLoRA's
+    initial factors)."""
+    tensors = {key: p.detach() for key, p in adapter_parameters(model, name).items()}
+    tensors.update({f"{key}.{buffer}": getattr(m, buffer).detach() for key, m in _residual_layers(model, name).items()
+                    for buffer in ("lora_A0", "lora_B0")})
+    return tensors
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached adapter tensors, as ``save_adapters`` writes them."""
-    return {name: p.detach() for name, p in adapter_parameters(model).items()}
+def _last_qkv_is_residual(configs: list[PEFTConfig], n_layer: int) -> bool:
+    """Whether PiSSA / OLoRA turned the last block's QKV weight into a residual (it is then not the base's)."""
+    return any(c.scheme == "lora" and c.init_lora_weights != "default" and "attention_qkv" in c.target_modules
+               and (c.layer_selection is None or n_layer - 1 in c.layer_selection) for c in configs)
 
 
-def _base_linear(module: nn.Module) -> nn.Module:
-    while hasattr(module, "base"):
-        module = module.base
-    return module
-
-
-def base_fingerprint(model: GPT) -> dict[str, Any]:
+def base_fingerprint(model: GPT, configs: list[PEFTConfig] | None = None) -> dict[str, Any]:
     """``GPTConfig`` + a SHA-256 of a few base tensors (embedding rows, last norms, last QKV weight).
 
     Tensors are hashed after rounding to bfloat16, so the same base in fp32 or bf16 gives one fingerprint.
+    When PiSSA / OLoRA (in ``configs``, by default the model's own) holds a residual in the last QKV weight,
+    that weight is left out: the base's own cannot be recovered bit-exactly from the residual, and a fresh
+    base has no residual yet. ``load_adapters`` passes the file's configs, so both sides leave out the same.
     """
     if any(m.merged for m in lora_modules(model)):
         raise AdapterCheckpointError("LoRA is merged into the base weights; call unmerge_lora(model) first")
     last = model.blocks[-1]
-    tensors = [model.wte.weight[:16], model.norm_f.weight, last.norm_1.weight,
-               _base_linear(last.attention.attention_qkv).weight]
+    configs = model.peft_configs if configs is None else configs
+    tensors = [model.wte.weight[:16], model.norm_f.weight, last.norm_1.weight]
+    if not _last_qkv_is_residual(configs, len(model.blocks)):
+        tensors.append(unwrap(last.attention.attention_qkv).weight)
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
@@ -95,23 +92,23 @@ def base_fingerprint(model: GPT) -> dict[str, Any]:
 # Save
 # ----------------------------------------------------------------------------------------------
 
-def save_adapters(model: GPT, path: str | Path) -> Path:
-    """Write the adapter tensors and their configs + base fingerprint to one ``.safetensors`` file."""
-    configs: list[PEFTConfig] = getattr(model, "peft_configs", [])
+def save_adapters(model: GPT, path: str | Path, name: str = "default") -> Path:
+    """Write the tensors of adapter ``name`` and their configs + base fingerprint to one ``.safetensors`` file."""
+    configs: list[PEFTConfig] = [c for c in model.peft_configs if c.adapter_name == name]
     if not configs:
-        raise ValueError("save_adapters: the model has no adapters (call add_adapter or load_adapters first)")
+        raise ValueError(f"save_adapters: the model has no adapters named {name!r} (call add_adapter or "
+                         "load_adapters first)")
     path = Path(path)
-    tensors = {name: t.to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
+    tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model, name).items()}
     info = {
         "format": FORMAT,
         "peft_configs": [{"scheme": c.scheme, **c.to_dict()} for c in configs],
         "ptuning_frozen": isinstance(model.virtual_prompt, FrozenPrompt),
         "base_model": model.name_or_path,
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": base_fingerprint(model, configs),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(info)})
-    os.chmod(path, 0o644)  # safetensors creates files readable by the owner only
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(info)})
     return path
 
 
@@ -149,7 +146,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _check_base(path: Path, info: dict, model: GPT) -> None:
-    stored, ours = info["base_fingerprint"], base_fingerprint(model)
+    stored, ours = info["base_fingerprint"], base_fingerprint(model, info["peft_configs"])
     where = f"{path}: these adapters were trained on another base model ({info.get('base_model') or 'unnamed'}"
     if stored["config"] != ours["config"]:
         diffs = [f"{k}={stored['config'].get(k)!r} in the file, {ours['config'].get(k)!r} in the model"
@@ -178,7 +175,7 @@ def _check_configs(path: Path, stored: list[PEFTConfig], current: list[PEFTConfi
                                          f"{'; '.join(diffs)}")
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
     missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or extra:
         parts = []
@@ -193,39 +190,43 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], params: dict[st
                                          f"the model expects {tuple(p.shape)}")
 
 
-def _strip_new_adapters(model: GPT, configs_before: list, requires_grad: dict[int, bool]) -> None:
-    """Undo an ``add_adapter`` done by a failed ``load_adapters``: unwrap layers, drop the prompt."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if getattr(child, "peft_scheme", None) and hasattr(child, "base"):
-                setattr(parent, name, _base_linear(child))
-    model.virtual_prompt = None
-    model.peft_configs = configs_before
-    for p in model.parameters():
-        p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+def _residual_layers(model: nn.Module, name: str) -> dict[str, LoRALinear]:
+    """The LoRA layers of adapter ``name`` whose frozen weight is a PiSSA / OLoRA residual, by key."""
+    return {key: m for key, m in adapter_modules(model, name).items()
+            if isinstance(m, LoRALinear) and m.lora_A0 is not None}
 
 
-def load_adapters(model: GPT, path: str | Path, check_base: bool = True) -> list[PEFTConfig]:
-    """Load adapters saved by ``save_adapters`` into ``model``; return their configs.
+def _without_data_driven_init(configs: list[PEFTConfig]) -> list[PEFTConfig]:
+    """``configs`` with PiSSA / OLoRA replaced by the default init: loading inserts the layers without an
+    SVD / QR of this base, and rebuilds the residual from the file's A0, B0 instead."""
+    return [type(c).from_dict({**c.to_dict(), "init_lora_weights": "default"})
+            if c.scheme == "lora" and c.init_lora_weights != "default" else c for c in configs]
 
-    On a plain base model the adapters are first inserted (``add_adapter`` with the stored configs); on a
-    model that already has adapters, their configs must equal the stored ones. Any mismatch raises
+
+def load_adapters(model: GPT, path: str | Path, check_base: bool = True, name: str = "default") -> list[PEFTConfig]:
+    """Load adapters saved by ``save_adapters`` into ``model`` as the adapter ``name``; return their configs.
+
+    When the model has no adapter of that name yet, its modules are first inserted (``add_adapter`` with the
+    stored configs); otherwise that adapter's configs must equal the stored ones. Any mismatch raises
     ``AdapterCheckpointError`` and leaves the model as it was.
     """
-    from . import add_adapter  # the package's entry point; imported here because __init__ imports this module
-
     path = Path(path)
     tensors, info = read_adapter_file(path)
     if check_base:
         _check_base(path, info, model)
     stored: list[PEFTConfig] = info["peft_configs"]
-    current: list[PEFTConfig] = list(getattr(model, "peft_configs", []))
+    for cfg in stored:
+        cfg.adapter_name = name
+    current: list[PEFTConfig] = [c for c in model.peft_configs if c.adapter_name == name]
     inserted = not current
     if inserted:
-        if model.virtual_prompt is not None or any(getattr(m, "peft_scheme", None) for m in model.modules()):
+        if not model.peft_configs and (model.virtual_prompt is not None or any(map(is_peft_module, model.modules()))):
             raise AdapterCheckpointError(f"{path}: the model has PEFT modules but no peft_configs record")
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-        add_adapter(model, stored, verbose=False)
+        add_adapter(model, _without_data_driven_init(stored), verbose=False, name=name)
+        others = [c for c in model.peft_configs if c.adapter_name != name]
+        model.peft_configs = others + [next(s for s in stored if s.scheme == c.scheme)
+                                       for c in model.peft_configs if c.adapter_name == name]
         if info.get("ptuning_frozen"):
             freeze_prompt_encoder(model)
     else:
@@ -237,73 +238,28 @@ def load_adapters(model: GPT, path: str | Path, check_base: bool = True) -> list
             raise AdapterCheckpointError(f"{path}: the file's p-tuning prompt is "
                                          f"{'a frozen table' if info.get('ptuning_frozen') else 'an encoder'}, "
                                          f"the model's is {'a frozen table' if frozen_now else 'an encoder'}")
-    params = adapter_parameters(model)
+    params = adapter_parameters(model, name)
+    residual = ({key: m for key, m in adapter_modules(model, name).items() if isinstance(m, LoRALinear)}
+                if any(c.scheme == "lora" and c.init_lora_weights != "default" for c in stored) else {})
+    expected: dict[str, torch.Tensor] = dict(params)
+    for layer_name, layer in residual.items():  # PiSSA / OLoRA: the initial factors, shaped like A and B
+        expected[f"{layer_name}.lora_A0"], expected[f"{layer_name}.lora_B0"] = layer.lora_A, layer.lora_B
     try:
-        _check_tensors(path, tensors, params)
+        _check_tensors(path, tensors, expected)
     except AdapterCheckpointError:
-        if inserted:
-            _strip_new_adapters(model, current, requires_grad)
+        if inserted:  # roll back: the model is left as it was
+            remove_adapters(model, name)
+            for p in model.parameters():
+                p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
         raise
+    for layer_name, layer in residual.items():  # base.weight = W - s·B0 A0, before A and B get their trained values
+        layer.set_initial_factors(next(c for c in stored if c.scheme == "lora").init_lora_weights,
+                                  tensors[f"{layer_name}.lora_A0"], tensors[f"{layer_name}.lora_B0"])
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+        for key, p in params.items():
+            p.copy_(tensors[key])
     return stored
 
 
-# ----------------------------------------------------------------------------------------------
-# Export to Hugging Face PEFT
-# ----------------------------------------------------------------------------------------------
-
-# Our target -> the HF Llama module(s) its rows are split into, in row order.
-_HF_TARGETS = {"attention_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
-               "attention_dense": ("self_attn", ("o_proj",)),
-               "mlp_fc1": ("mlp", ("gate_proj", "up_proj")),
-               "mlp_fc2": ("mlp", ("down_proj",))}
-
-
-def export_hf_peft(model: GPT, directory: str | Path) -> Path:
-    """Write a LoRA as an HF PEFT adapter directory for ``LlamaForCausalLM`` (``PeftModel.from_pretrained``)."""
-    configs: list[PEFTConfig] = getattr(model, "peft_configs", [])
-    if not configs or any(c.scheme != "lora" for c in configs):
-        raise ValueError(f"export_hf_peft exports LoRA only; this model has "
-                         f"{'+'.join(c.scheme for c in configs) or 'no adapters'}")
-    c = model.config
-    if c.mlp != "swiglu" or c.position != "rope" or c.bias:
-        raise ValueError("export_hf_peft supports Llama-style models (SwiGLU, RoPE, no biases) only")
-    (cfg,) = configs
-    sizes = {"attention_qkv": list(model.blocks[0].attention.qkv_sizes), "attention_dense": [c.d_model],
-             "mlp_fc1": [c.d_ff, c.d_ff], "mlp_fc2": [c.d_model]}
-    tensors: dict[str, torch.Tensor] = {}
-    hf_modules: set[str] = set()
-    layers: list[int] = []
-    for i, block in enumerate(model.blocks):
-        for target, (hf_parent, hf_names) in _HF_TARGETS.items():
-            layer = getattr(getattr(block, TARGET_PARENTS[target]), target)
-            if not isinstance(layer, LoRALinear):
-                continue
-            if i not in layers:
-                layers.append(i)
-            prefix = f"base_model.model.model.layers.{i}.{hf_parent}"
-            # A is shared by every part; B's rows are split (q | k | v, or gate | up).
-            for hf_name, b_part in zip(hf_names, layer.lora_B.detach().split(sizes[target], dim=0)):
-                tensors[f"{prefix}.{hf_name}.lora_A.weight"] = layer.lora_A.detach().cpu().clone()
-                tensors[f"{prefix}.{hf_name}.lora_B.weight"] = b_part.cpu().contiguous().clone()
-                hf_modules.add(hf_name)
-    if not tensors:
-        raise ValueError("export_hf_peft: the model has no LoRA layers (merged and unloaded?)")
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model.name_or_path or None,
-        "r": cfg.adapter_dim, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "lora_dropout": cfg.adapter_dropout,
-        "target_modules": sorted(hf_modules), "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "layers_to_transform": None if len(layers) == len(model.blocks) else layers, "layers_pattern": None,
-        "modules_to_save": None, "inference_mode": True,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
-__all__ = ["AdapterCheckpointError", "adapter_parameters", "adapter_state_dict", "base_fingerprint",
-           "save_adapters", "load_adapters", "read_adapter_file", "export_hf_peft"]
+__all__ = ["AdapterCheckpointError", "adapter_state_dict", "base_fingerprint", "save_adapters", "load_adapters",
+           "read_adapter_file"]

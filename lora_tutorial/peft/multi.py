@@ -1,0 +1,110 @@
+"""Several adapters on one base: load them under names, switch per request, combine LoRAs.
+
+A deployed base model often serves several fine-tunes. Their adapters are small, so one copy of the
+base can hold all of them, each under a name, and a request picks one::
+
+    load_adapters(model, "squad.safetensors", name="squad")
+    load_adapters(model, "other.safetensors", name="other")
+    set_adapter(model, "squad")            # only the "squad" adapter is on
+    with disable_adapters(model): ...      # the plain base model
+    combine_lora(model, {"squad": 0.5, "other": 0.5}, name="mix")   # a new adapter: 0.5 ΔW1 + 0.5 ΔW2
+
+How: an adapter added under another name wraps the layers again (a ``LoRALinear`` whose ``base`` is the
+first adapter's ``LoRALinear``), and every wrapper knows its ``adapter_name``. ``set_adapter`` switches
+wrappers on and off; the frozen weights are shared and never copied.
+
+``combine_lora`` is exact, not an approximation: for LoRA updates ΔW_i = s_i B_i A_i, the weighted sum
+Σ w_i ΔW_i equals one LoRA of rank Σ r_i with A = [A_1; A_2; ...] stacked by rows and
+B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] side by side, at scale 1 (HF PEFT's ``add_weighted_adapter`` with
+``combination_type="cat"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import GPT
+from .config import LoraPEFTConfig
+from .inject import adapter_name_of, peft_modules
+from .lora import LoRALinear
+from .wrapping import replace_module
+
+
+def adapter_names(model: GPT) -> list[str]:
+    """The names of the adapters in ``model``, in the order they were added."""
+    return list(dict.fromkeys(c.adapter_name for c in model.peft_configs))
+
+
+def active_adapters(model: GPT) -> list[str]:
+    """The names of the adapters whose wrappers are switched on."""
+    return list(dict.fromkeys(adapter_name_of(m) for m in peft_modules(model) if getattr(m, "adapter_enabled", True)))
+
+
+def set_adapter(model: GPT, name: str) -> None:
+    """Switch on the adapter ``name`` and switch off every other one."""
+    if name not in adapter_names(model):
+        raise ValueError(f"set_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model)) or 'none'}")
+    for module in peft_modules(model):
+        if hasattr(module, "adapter_enabled"):
+            module.adapter_enabled = adapter_name_of(module) == name
+
+
+def combine_lora(model: GPT, weights: dict[str, float], name: str) -> LoraPEFTConfig:
+    """Add the adapter ``name`` = Σ weights[n] · ΔW of the LoRA adapters named in ``weights``, and switch to it.
+
+    The adapters must adapt the same layers with plain LoRA (no DoRA, no PiSSA / OLoRA residual).
+    Returns the new adapter's config (rank = the sum of the ranks, alpha = rank, so its scale is 1).
+    """
+    if name in adapter_names(model):
+        raise ValueError(f"combine_lora: the model already has an adapter named {name!r}")
+    layers = _lora_layers_by_target(model, list(weights))
+    ranks = []
+    for target, parts in layers.items():
+        a = torch.cat([parts[n].lora_A.detach() for n in weights])
+        b = torch.cat([weights[n] * parts[n].scaling * parts[n].lora_B.detach() for n in weights], dim=1)
+        outer = max(parts.values(), key=lambda m: _depth(model, m))  # wrap the outermost of them
+        combined = LoRALinear(outer, a.shape[0], float(a.shape[0]))
+        with torch.no_grad():
+            combined.lora_A.copy_(a)
+            combined.lora_B.copy_(b)
+        combined.adapter_name = name
+        combined.requires_grad_(False)
+        replace_module(model, _path_of(model, outer), combined)
+        ranks.append(a.shape[0])
+    first = next(c for c in model.peft_configs if c.adapter_name == next(iter(weights)) and c.scheme == "lora")
+    config = LoraPEFTConfig(None, **{**first.to_dict(), "adapter_dim": ranks[0], "alpha": float(ranks[0]),
+                                     "column_init_method": "xavier", "row_init_method": "zero", "rslora": False})
+    config.adapter_name = name
+    model.peft_configs = [*model.peft_configs, config]
+    set_adapter(model, name)
+    return config
+
+
+def _lora_layers_by_target(model: GPT, names: list[str]) -> dict[str, dict[str, LoRALinear]]:
+    """For every layer adapted by the named LoRA adapters: {layer path: {adapter name: its LoRALinear}}."""
+    by_target: dict[str, dict[str, LoRALinear]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear) and adapter_name_of(module) in names:
+            if module.use_dora or module.lora_A0 is not None:
+                raise ValueError(f"combine_lora: adapter {adapter_name_of(module)!r} is DoRA or PiSSA/OLoRA at "
+                                 f"{path}; only plain LoRA updates add up to a LoRA")
+            target = ".".join(p for p in path.split(".") if p != "base")
+            by_target.setdefault(target, {})[adapter_name_of(module)] = module
+    missing = {t: sorted(set(names) - set(parts)) for t, parts in by_target.items() if set(parts) != set(names)}
+    if not by_target or missing:
+        raise ValueError(f"combine_lora: adapters {names} do not adapt the same layers "
+                         f"(e.g. {next(iter(missing.items())) if missing else 'none at all'})")
+    return by_target
+
+
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    return next(path for path, m in model.named_modules() if m is module)
+
+
+def _depth(model: nn.Module, module: nn.Module) -> int:
+    """How far out a wrapper sits: the outermost has the shortest path."""
+    return -len(_path_of(model, module))
+
+
+__all__ = ["adapter_names", "active_adapters", "set_adapter", "combine_lora"]

@@ -1,0 +1,113 @@
+"""Several adapters on one base (peft/multi.py): named loading, switching, exact linear combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_tutorial.peft import (AdapterPEFTConfig, LoraPEFTConfig, PtuningPEFTConfig, add_adapter, adapter_names,
+                                combine_lora, disable_adapters, load_adapters, remove_adapters, save_adapters,
+                                set_adapter)
+from lora_tutorial.peft.inject import adapter_name_of
+from lora_tutorial.peft.lora import LoRALinear
+
+from helpers import logits, random_ids, randomize_adapters, tiny_model
+
+
+def trained_lora(tmp_path, seed: int, rank: int = 4, targets=("attention_qkv", "mlp_fc2"), **knobs):
+    """A tiny model with a LoRA whose A and B are random (as if trained); its file and its logits."""
+    model = tiny_model()
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=rank, alpha=8.0, target_modules=list(targets), **knobs),
+                verbose=False)
+    randomize_adapters(model, seed=seed)
+    path = save_adapters(model, tmp_path / f"lora{seed}.safetensors")
+    return model, path
+
+
+def test_named_adapters_switch_to_exactly_each_adapters_own_logits(tmp_path):
+    ids = random_ids(2, 9)
+    one, path_one = trained_lora(tmp_path, seed=1)
+    two, path_two = trained_lora(tmp_path, seed=2)
+    model = tiny_model()
+    base = logits(model, ids)
+    load_adapters(model, path_one, name="one")
+    load_adapters(model, path_two, name="two")
+    assert adapter_names(model) == ["one", "two"]
+    set_adapter(model, "one")
+    assert torch.equal(logits(model, ids), logits(one, ids))
+    set_adapter(model, "two")
+    assert torch.equal(logits(model, ids), logits(two, ids))
+    with disable_adapters(model):
+        assert torch.equal(logits(model, ids), base)
+    with pytest.raises(ValueError, match="no adapter named 'three'"):
+        set_adapter(model, "three")
+
+
+def test_saving_one_named_adapter_writes_the_same_file_as_the_model_it_came_from(tmp_path):
+    one, path_one = trained_lora(tmp_path, seed=1)
+    _, path_two = trained_lora(tmp_path, seed=2)
+    model = tiny_model()
+    load_adapters(model, path_two, name="two")
+    load_adapters(model, path_one, name="one")  # wraps "two"'s layers: its keys must not show the nesting
+    resaved = save_adapters(model, tmp_path / "resaved.safetensors", name="one")
+    fresh = tiny_model()
+    load_adapters(fresh, resaved)
+    ids = random_ids(1, 7)
+    assert torch.equal(logits(fresh, ids), logits(one, ids))
+
+
+def test_combine_lora_is_the_weighted_sum_of_the_updates_and_round_trips(tmp_path):
+    _, path_one = trained_lora(tmp_path, seed=1)
+    _, path_two = trained_lora(tmp_path, seed=2)
+    model = tiny_model()
+    load_adapters(model, path_one, name="one")
+    load_adapters(model, path_two, name="two")
+    config = combine_lora(model, {"one": 0.7, "two": -0.2}, name="mix")
+    assert config.adapter_dim == 8 and config.alpha == 8.0  # rank 4 + 4, scale 1
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    by_name = {}
+    for m in layers:
+        by_name.setdefault(adapter_name_of(m), []).append(m)
+    for mix, one, two in zip(by_name["mix"], by_name["one"], by_name["two"]):
+        expected = 0.7 * one.delta_weight() - 0.2 * two.delta_weight()
+        torch.testing.assert_close(mix.delta_weight(), expected, atol=1e-6, rtol=1e-5)
+    ids = random_ids(2, 9)
+    mixed = logits(model, ids)
+    path = save_adapters(model, tmp_path / "mix.safetensors", name="mix")
+    fresh = tiny_model()
+    load_adapters(fresh, path)
+    assert torch.equal(logits(fresh, ids), mixed)
+
+
+def test_combine_lora_refuses_dora_and_unlike_layers(tmp_path):
+    _, plain = trained_lora(tmp_path, seed=1)
+    _, dora = trained_lora(tmp_path, seed=2, use_dora=True)
+    _, other_layers = trained_lora(tmp_path, seed=3, targets=("attention_dense",))
+    model = tiny_model()
+    load_adapters(model, plain, name="plain")
+    load_adapters(model, other_layers, name="other")
+    with pytest.raises(ValueError, match="do not adapt the same layers"):
+        combine_lora(model, {"plain": 1.0, "other": 1.0}, name="mix")
+    with pytest.raises(ValueError, match="cannot share a layer"):
+        load_adapters(model, dora, name="dora")
+
+
+def test_a_second_named_adapter_trains_alone_and_removing_it_leaves_the_first(tmp_path):
+    one, path_one = trained_lora(tmp_path, seed=1)
+    model = tiny_model()
+    load_adapters(model, path_one, name="one")
+    add_adapter(model, AdapterPEFTConfig(None, adapter_dim=4), verbose=False, name="bottleneck")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable)
+    remove_adapters(model, "bottleneck")
+    assert adapter_names(model) == ["one"]
+    ids = random_ids(1, 6)
+    assert torch.equal(logits(model, ids), logits(one, ids))
+
+
+def test_only_one_p_tuning_prompt_fits_the_model(tmp_path):
+    model = tiny_model()
+    add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=2, bottleneck_dim=8, embedding_dim=8), verbose=False)
+    with pytest.raises(ValueError, match="one virtual-prompt slot"):
+        add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=2, bottleneck_dim=8, embedding_dim=8),
+                    verbose=False, name="second")
