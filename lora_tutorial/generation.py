@@ -93,8 +93,14 @@ def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
 def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_generate: int = 30,
                  greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Generate up to ``tokens_to_generate`` new ids for one batch of prompts (no stop token returned)."""
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 end_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Generate up to ``tokens_to_generate`` new ids for one batch of prompts.
+
+    A row ends at a token of ``stop_ids`` (EOS: not returned) or of ``end_ids`` (returned, then the row
+    ends: e.g. the tokens that hold a newline, when only the first line of an answer is kept anyway).
+    The batch stops as soon as every row has ended.
+    """
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token")
     device = model.wte.weight.device
@@ -102,7 +108,7 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     B = ids.shape[0]
     if bool(mask.all()):
         mask = None  # no padding: plain causal attention, no mask to build or apply at each step
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    stop = torch.tensor(sorted(set(stop_ids) | set(end_ids)) or [-1], device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = _seen_tokens(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None

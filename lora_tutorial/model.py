@@ -186,21 +186,21 @@ class KVCache:
 # The transformer block
 # ----------------------------------------------------------------------------------------------
 
-def attention_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+def attention_dtype(device_type: str, weight_dtype: torch.dtype, needs_grad: bool | None = None) -> torch.dtype:
     """The dtype attention (and so the KV cache) works in.
 
-    On GPUs it is the autocast dtype (fused bf16/fp16 kernels are fast there); without autocast, the
-    weights' dtype. Under autocast on a CPU it depends on what is fastest there (measured at this
-    model's sizes, 2 cores): on CPUs with AMX, bf16 for forward-only work (generation: 0.15 vs 0.30 ms
-    per decoding step and layer) but float32 when gradients are needed (8.4 vs 10.3 ms forward + backward
-    at 4 x 230 tokens); on CPUs without AMX, float32 always (an AVX512-BF16 EPYC: 20 vs 120 us per
-    decoding step). Attention is a small share of the work, so this only trims the total.
+    On GPUs it is the autocast dtype; without autocast, the weights' dtype. Under autocast on a CPU it
+    is whatever is fastest there (measured at this model's sizes on 2 cores): on CPUs with AMX, bf16
+    when no gradient is needed (0.15 vs 0.30 ms per decoding step and layer; the frozen lower layers of a
+    top-layers LoRA too) but float32 for forward + backward (8.4 vs 10.3 ms at 4 x 230 tokens); without
+    AMX, float32 always (an AVX512-BF16 EPYC: 20 vs 120 us per decoding step).
     """
     if not torch.is_autocast_enabled(device_type):
         return weight_dtype
     if device_type != "cpu":
         return torch.get_autocast_dtype(device_type)
-    return torch.bfloat16 if cpu_has_amx() and not torch.is_grad_enabled() else torch.float32
+    needs_grad = torch.is_grad_enabled() if needs_grad is None else needs_grad
+    return torch.bfloat16 if cpu_has_amx() and not needs_grad else torch.float32
 
 
 class Attention(nn.Module):
@@ -223,7 +223,7 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated together, (B, T, H + H_kv, D)
         q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
-        dtype = attention_dtype(x.device.type, x.dtype)
+        dtype = attention_dtype(x.device.type, x.dtype, torch.is_grad_enabled() and heads.requires_grad)
         q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:
             k, v = (t.to(dtype) for t in cache.update(self.layer_idx, k, v))  # no-op unless grad mode changed
@@ -397,8 +397,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when ``last_only``."""
         with autocast_like(self.wte.weight):
             h = self._hidden_states(input_ids, attention_mask, cache)
-            if last_only:
-                h = h[:, -1:]
+            if last_only:  # contiguous: a strided (B, 1, d) view would send the LM head down a slow batched path
+                h = h[:, -1:].contiguous()
             return self.lm_head(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -30,6 +30,7 @@ from .generation import generate_ids, stop_token_ids
 from .metrics import clean_prediction, score_predictions
 from .model import GPT
 from .peft import PEFTConfig, ParameterSummary, add_adapter, load_adapters
+from .peft.lora import merged_for_inference
 from .precision import cast_frozen_weights
 from .pretrained import load_base_model
 from .qlora import quantize_base
@@ -164,6 +165,19 @@ class SFTModel(pl.LightningModule):
             self.log("trained_steps", float(self.global_step + 1))  # this step, counted from 1 (see analysis.read_metrics)
         self._step_losses = []
 
+    # Validation and prediction only read the model: LoRA runs merged there (peft.lora.merged_for_inference),
+    # and the base weights are put back exactly afterwards.
+
+    def on_validation_epoch_start(self) -> None:
+        self._merged = merged_for_inference(self.model)
+        self._merged.__enter__()
+
+    def on_predict_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_predict_epoch_end(self) -> None:
+        self._merged.__exit__(None, None, None)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model.loss(batch["input_ids"], batch["labels"])
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -174,6 +188,7 @@ class SFTModel(pl.LightningModule):
             self._val_references += batch["answers"]
 
     def on_validation_epoch_end(self) -> None:
+        self._merged.__exit__(None, None, None)
         if self._val_predictions:
             scores = score_predictions(self._val_predictions, self._val_references)
             self.log("val_em", scores.exact_match, prog_bar=True)
@@ -206,12 +221,19 @@ class SFTModel(pl.LightningModule):
         """
         opts = {**self.inference_cfg, **overrides}
         prompts = self.prompt_ids(batch, opts["use_chat_template"])
+        # An answer is its first line (metrics.clean_prediction), so a row may end at its first newline.
         new_ids = generate_ids(self.model, prompts, tokens_to_generate=opts["tokens_to_generate"],
                                greedy=opts["greedy"], temperature=opts["temperature"], top_k=opts["top_k"],
                                top_p=opts["top_p"], repetition_penalty=opts["repetition_penalty"],
                                stop_ids=stop_token_ids(self.tokenizer), pad_id=self.tokenizer.pad_id,
-                               generator=generator)
+                               generator=generator, end_ids=self._newline_ids())
         return [clean_prediction(self.tokenizer.decode(ids)) for ids in new_ids]
+
+    def _newline_ids(self) -> list[int]:
+        """The vocabulary's tokens whose text holds a newline (computed once)."""
+        if not hasattr(self, "_newlines"):
+            self._newlines = self.tokenizer.ids_containing("\n")
+        return self._newlines
 
     # -- optimisation --------------------------------------------------------------------------
 

@@ -61,6 +61,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def ids_containing(self, text: str) -> list[int]:
+        """Every token id whose decoded text contains ``text`` (e.g. all the tokens that hold a newline)."""
+        pieces = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return [i for i, piece in enumerate(pieces) if text in piece]
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render ``[{"role": "user", "content": "..."}, ...]`` as ChatML text.
 

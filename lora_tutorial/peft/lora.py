@@ -65,8 +65,9 @@ training made is ``s·(B A - B0 A0)``. Merging adds ``s·B A`` to the residual, 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -197,18 +198,43 @@ class LoRALinear(nn.Module):
         # scale multiplies the small B (out x r), not the large output (tokens x out).
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         xd = self.dropout(x) if dropout_active else x
-        b = self.lora_B if self.scaling == 1 else self.lora_B * self.scaling
-        lora = F.linear(F.linear(xd, self.lora_A), b)
+        a, b, g = self._inference_factors(x) if not torch.is_grad_enabled() else self._factors()
+        lora = F.linear(F.linear(xd, a), b)
         if not self.use_dora:
             return out + lora
         # DoRA: h = g ⊙ (W x + s·B A x) (+ bias, not rescaled), written as a correction of the base output
         # as in HF PEFT. With dropout active the correction applies to the dropped-out input (HF does the same).
-        g = self.lora_magnitude / self.weight_norm()  # the norm is a constant for autograd
         if dropout_active:
             wx = F.linear(xd, self._base_weight())
         else:
             wx = out if self.base.bias is None else out - self.base.bias  # W x is already in `out`
         return out + (g - 1) * wx + g * lora
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A, s·B and DoRA's row factor g = m / ||W + s·B A|| (None without DoRA; the norm is a constant
+        for autograd)."""
+        b = self.lora_B if self.scaling == 1 else self.lora_B * self.scaling
+        return self.lora_A, b, (self.lora_magnitude / self.weight_norm() if self.use_dora else None)
+
+    def _inference_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``_factors`` without gradients, computed once and kept while the tensors do not change: already
+        cast to the dtype the matmuls run in (bf16 under autocast). Generating a token then costs two thin
+        matmuls per layer instead of two casts, a scaling and (DoRA) a full-size norm as well."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.dtype
+        params = (self.lora_A, self.lora_B) + ((self.lora_magnitude,) if self.use_dora else ())
+        key = (dtype, *((id(p), p._version) for p in params), self._base_weight_key())
+        if getattr(self, "_cache_key", None) != key:
+            a, b, g = self._factors()
+            self._cached = (a.to(dtype), b.to(dtype), g)
+            self._cache_key = key
+        return self._cached
+
+    def _base_weight_key(self) -> tuple[int, int] | None:
+        """Identity and version of the frozen weight parameter (DoRA's norm depends on it); None for a
+        quantized base, whose buffers never change."""
+        weight = unwrap(self.base)._parameters.get("weight")
+        return None if weight is None else (id(weight), weight._version)
 
     def _base_weight(self) -> torch.Tensor:
         """The frozen (out, in) weight under any other adapters' wrappers (dequantized if the base layer is
@@ -336,6 +362,38 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
+@contextlib.contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[int]:
+    """Inside the block every enabled LoRA layer runs merged (one matmul instead of three); afterwards the
+    base weights are exactly what they were (the originals are kept aside, not recomputed by subtraction).
+
+    Generating an answer token by token is dominated by per-matmul overhead, and an unmerged LoRA doubles
+    the matmuls of every adapted layer. The merged weight is ``W + s·B A`` (DoRA: rescaled by its row
+    factor) rounded once to the weight's dtype; in bf16 that rounding is the same size as the rounding
+    the bf16 base weights already have. Layers that cannot merge (a quantized base, nested adapters, a
+    disabled adapter) are left as they are. Yields how many layers were merged.
+    """
+    swapped = []
+    for layer in lora_modules(model):
+        weight = layer.base._parameters.get("weight") if isinstance(layer.base, nn.Linear) else None
+        if layer.merged or not layer.adapter_enabled or weight is None:
+            continue
+        original = weight.data
+        with torch.no_grad():
+            adapted = layer.adapted_weight()  # W + s·B A in float32
+            if layer.use_dora:
+                adapted *= (layer.lora_magnitude.float() / torch.linalg.vector_norm(adapted, dim=1))[:, None]
+            weight.data = adapted.to(original.dtype)
+        layer.merged = True
+        swapped.append((layer, weight, original))
+    try:
+        yield len(swapped)
+    finally:
+        for layer, weight, original in swapped:
+            weight.data = original
+            layer.merged = False
+
+
 def merge_and_unload(model: GPT) -> GPT:
     """Merge every LoRA layer and put the plain ``nn.Linear`` back in its place (no LoRA code left).
 
@@ -351,5 +409,5 @@ def merge_and_unload(model: GPT) -> GPT:
     return model
 
 
-__all__ = ["LoRALinear", "apply_lora", "init_tensor_", "lora_modules", "merge_lora",
+__all__ = ["LoRALinear", "apply_lora", "init_tensor_", "lora_modules", "merge_lora", "merged_for_inference",
            "unmerge_lora", "merge_and_unload"]
