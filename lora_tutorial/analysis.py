@@ -130,6 +130,8 @@ def merged_outputs_agree(model: GPT, input_ids: torch.Tensor, atol: float = 1e-4
     Returns the largest absolute logit differences (merged vs unmerged, and after unmerging vs before),
     whether both are within ``atol + rtol * max|logit|`` (float32 rounding grows with the logits' size),
     and the largest change of a base weight left after the round trip. The model is left unmerged.
+    Use a float32 model: merging into bf16 weights rounds ``W + BA`` to 8 bits of mantissa, so a bf16
+    base shows that rounding (about 1e-2 in the logits), not a merge bug.
     """
     layers = lora_modules(model)
     if not layers:
@@ -138,8 +140,10 @@ def merged_outputs_agree(model: GPT, input_ids: torch.Tensor, atol: float = 1e-4
     with eval_mode(model):
         unmerged = model(input_ids).float()
         n = merge_lora(model)
-        merged = model(input_ids).float()
-        unmerge_lora(model)
+        try:
+            merged = model(input_ids).float()
+        finally:  # whatever happens, hand the model back unmerged
+            unmerge_lora(model)
         again = model(input_ids).float()
     merged_diff = (merged - unmerged).abs().max().item()
     roundtrip_diff = (again - unmerged).abs().max().item()
@@ -194,6 +198,6 @@ def read_metrics(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-__all__ = ["read_records", "token_lengths", "length_summary", "subset_summary", "grouped_adapter_rows", "named_lora_layers", "delta_weight_norms",
-           "singular_values", "rank_for_energy", "rank_usage", "merged_outputs_agree", "parameter_budget",
-           "read_metrics"]
+__all__ = ["read_records", "token_lengths", "length_summary", "subset_summary", "grouped_adapter_rows",
+           "named_lora_layers", "delta_weight_norms", "singular_values", "rank_for_energy", "rank_usage",
+           "merged_outputs_agree", "parameter_budget", "read_metrics"]

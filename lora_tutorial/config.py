@@ -62,7 +62,8 @@ INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
 # trainer, exp_manager
 # ----------------------------------------------------------------------------------------------
 
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+# (Lightning's bf16-true would cast the adapters to bf16 too, and AdamW's small updates would round away.)
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass
@@ -71,14 +72,14 @@ class TrainerConfig:
     devices: Any = 1  # processes per node: an int, a list of GPU ids, or "auto"
     num_nodes: int = knob(1, POSITIVE_INT)
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp ...
-    precision: str = knob("32", one_of(*PRECISIONS))
-    max_steps: int = knob(100, Rule("an integer >= 1 (or -1 with max_epochs)", lambda v: v >= 1 or v == -1))
+    precision: str = knob("auto", one_of(*PRECISIONS))  # auto: bf16-mixed where bf16 is native, else 32
+    max_steps: int = knob(64, Rule("an integer >= 1 (or -1 with max_epochs)", lambda v: v >= 1 or v == -1))
     max_epochs: Optional[int] = knob(None, POSITIVE_INT)
-    val_check_interval: Optional[int] = knob(50, NON_NEGATIVE)  # optimizer steps; 0 or null: no validation
+    val_check_interval: Optional[int] = knob(32, NON_NEGATIVE)  # optimizer steps; 0 or null: no validation
     limit_val_batches: Optional[int] = knob(None, NON_NEGATIVE)
     num_sanity_val_steps: int = knob(0, NON_NEGATIVE)
     gradient_clip_val: Optional[float] = knob(1.0, NON_NEGATIVE)
-    log_every_n_steps: int = knob(5, POSITIVE_INT)
+    log_every_n_steps: int = knob(1, POSITIVE_INT)
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
 
@@ -121,6 +122,9 @@ class DatasetConfig:
     num_workers: int = knob(0, NON_NEGATIVE)
     shuffle: bool = False
     length_grouping: bool = True  # training: micro-batches of similar length (less padding; sampler.py)
+    # put each prompt into the base model's chat template (squad.chat_format); use it with
+    # prompt_template '{input}{output}', since the template's reply header already ends the prompt
+    chat_template: bool = False
     micro_batch_size: Optional[int] = knob(None, POSITIVE_INT)
     tokens_to_generate: int = knob(30, POSITIVE_INT)
     metric: Optional[str] = knob(None, one_of("squad"))
@@ -201,12 +205,19 @@ def scheme_parts(scheme: str) -> list[str]:
     return [p for p in parts if p != "none"]
 
 
+def valid_scheme(scheme: str) -> bool:
+    """Whether ``scheme`` names known PEFT methods (or none), each at most once."""
+    parts = scheme_parts(scheme)
+    return all(p in PEFT_SCHEMES for p in parts) and len(set(parts)) == len(parts)
+
+
+SCHEME_EXPECTED = f"one of {', '.join(PEFT_SCHEMES)}, none, or a comma-separated combination without repeats"
+
+
 @dataclass
 class PeftSection:
     # lora | adapter | ia3 | ptuning | none, or a combination such as "lora,ptuning"
-    peft_scheme: Optional[str] = knob("lora", Rule(
-        f"one of {', '.join(PEFT_SCHEMES)}, none, or a comma-separated combination without repeats",
-        lambda v: all(p in PEFT_SCHEMES for p in scheme_parts(v)) and len(set(scheme_parts(v))) == len(scheme_parts(v))))
+    peft_scheme: Optional[str] = knob("lora", Rule(SCHEME_EXPECTED, valid_scheme))
     restore_from_path: Optional[str] = None
     lora_tuning: LoraTuning = field(default_factory=LoraTuning)
     adapter_tuning: AdapterTuning = field(default_factory=AdapterTuning)
@@ -227,7 +238,7 @@ class SchedConfig:
 @dataclass
 class OptimConfig:
     name: str = knob("adamw", one_of("adamw", "adam"))
-    lr: float = knob(1e-3, Rule("a learning rate > 0 and < 1", lambda v: 0 < v < 1))
+    lr: float = knob(5e-4, Rule("a learning rate > 0 and < 1", lambda v: 0 < v < 1))
     weight_decay: float = knob(0.01, NON_NEGATIVE)
     betas: List[float] = knob(factory=lambda: [0.9, 0.98], rule=Rule(
         "two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)))
@@ -274,7 +285,8 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 # How OmegaConf words a failed conversion -> what the message should say was expected.
-_TYPE_WORDS = {"to Integer": "an integer", "to Float": "a number", "valid bool": "true or false", "to String": "a string"}
+_TYPE_WORDS = {"to Integer": "an integer", "to Float": "a number", "valid bool": "true or false",
+               "to String": "a string"}
 
 
 def default_config() -> DictConfig:
@@ -338,9 +350,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} must look like key=value (e.g. trainer.max_steps=20)")
-    if overrides:
-        cfg = merge_checked(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+    for override in overrides:  # one at a time, so that a value YAML cannot read is named
+        try:
+            layer = OmegaConf.from_dotlist([override])
+        except Exception as err:  # noqa: BLE001 - yaml's parser errors
+            raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                              "quote it, e.g. key='{input} {output}'") from None
+        cfg = merge_checked(cfg, layer, "command-line overrides")
     validate(cfg)
+    train_micro = cfg.model.data.train_ds.micro_batch_size
+    if train_micro is not None and train_micro != cfg.model.micro_batch_size:
+        raise ConfigError(f"model.data.train_ds.micro_batch_size={train_micro}: expected null or "
+                          f"model.micro_batch_size={cfg.model.micro_batch_size} "
+                          "(training batches are model.micro_batch_size)")
     if cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs is None:
         raise ConfigError("trainer.max_steps=-1: expected an integer >= 1, or set trainer.max_epochs too")
     return cfg

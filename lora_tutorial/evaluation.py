@@ -43,11 +43,16 @@ class Evaluation:
     seconds: float
 
 
-def answer_dataset(model: SFTModel, ds_cfg: DictConfig, use_chat_template: bool = False, batch_size: int = 16,
-                   desc: str = "evaluate", progress: bool = True) -> Evaluation:
-    """Greedy answers of ``model`` to every question of one ``model.data.*_ds`` section, scored."""
+def answer_dataset(model: SFTModel, ds_cfg: DictConfig, use_chat_template: bool = False,
+                   batch_size: int | None = None, desc: str = "evaluate", progress: bool = True) -> Evaluation:
+    """Greedy answers of ``model`` to every question of one ``model.data.*_ds`` section, scored.
+
+    Questions are generated ``batch_size`` at a time (default: the section's ``micro_batch_size``, else
+    16), sorted by prompt length so that a batch pads little."""
     dataset = model.build_dataset(ds_cfg)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=dataset.indices_by_length(), collate_fn=model.collator())
+    batch_size = batch_size or ds_cfg.get("micro_batch_size") or 16
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=dataset.indices_by_length(),
+                        collate_fn=model.collator())
     prompts, answers, golds = [], [], []
     started = time.perf_counter()
     with merged_for_inference(model.model):  # one matmul per adapted layer instead of three

@@ -75,9 +75,9 @@ EXERCISES: dict[str, Exercise] = {
     "6.1": Exercise("How many trainable parameters does IA3 add per layer of SmolLM2?",
                     lambda: 192 + 192 + 1536, "One scale per key dimension (3 heads x 64), per value dimension, and "
                     "per FFN hidden unit (1536)."),
-    "7.1": Exercise("How many trainable numbers does DoRA add to LoRA on all four projections of SmolLM2?",
-                    lambda: 30 * (960 + 576 + 3072 + 576), "One magnitude per output row of every adapted matrix: "
-                    "QKV has 960 rows, the attention output 576, gate|up 3072, down 576; 30 layers."),
+    "7.1": Exercise("How many trainable numbers does DoRA add to LoRA in one layer, on all four projections?",
+                    lambda: 960 + 576 + 3072 + 576, "One magnitude per output row of every adapted matrix: QKV has "
+                    "960 rows, the attention output 576, gate|up 3072, down 576."),
     "7.2": Exercise("How many bytes does one Q4_1 block of 32 weights take?", lambda: 32 * 4 // 8 + 2 + 2,
                     "32 four-bit codes, plus one f16 scale and one f16 minimum."),
     "6.2": Exercise("After freeze_prompt_encoder, how many numbers does p-tuning need at inference?",

@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
-
 from .model import GPT
+from .progress import progress_bar
 from .tokenizer import Tokenizer
 
 
@@ -35,7 +34,9 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-PAD_MULTIPLE = 32  # prompt widths are rounded up to this: few shapes, few kernels to compile (sft_data.SFTCollator)
+# Sequence widths, for generation and for training batches (SFTCollator), are rounded up to this:
+# few distinct shapes, so few oneDNN kernels to compile.
+PAD_MULTIPLE = 32
 
 
 def _left_pad(batch: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +95,13 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
                  greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
                  use_cache: bool = True, generator: torch.Generator | None = None,
-                 end_ids: Sequence[int] = ()) -> list[list[int]]:
+                 end_ids: Sequence[int] = (), blank_ids: Sequence[int] = ()) -> list[list[int]]:
     """Generate up to ``tokens_to_generate`` new ids for one batch of prompts.
 
-    A row ends at a token of ``stop_ids`` (EOS: not returned) or of ``end_ids`` (returned, then the row
-    ends: e.g. the tokens that hold a newline, when only the first line of an answer is kept anyway).
-    The batch stops as soon as every row has ended.
+    A row ends at a token of ``stop_ids`` (EOS: not returned) or of ``end_ids`` once it has produced a
+    token that is not in ``blank_ids``, the end token itself included (the end token is returned). With
+    the newline tokens as ``end_ids`` and the whitespace tokens as ``blank_ids``, a row ends after its
+    first line of text: all that an answer keeps (``metrics.clean_prediction``). The batch stops as soon as every row has ended.
     """
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token")
@@ -108,7 +110,10 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     B = ids.shape[0]
     if bool(mask.all()):
         mask = None  # no padding: plain causal attention, no mask to build or apply at each step
-    stop = torch.tensor(sorted(set(stop_ids) | set(end_ids)) or [-1], device=device)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    end = torch.tensor(sorted(set(end_ids)) or [-1], device=device)
+    blank = torch.tensor(sorted(set(blank_ids)) or [-1], device=device)
+    has_text = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = _seen_tokens(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None
@@ -127,7 +132,8 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
             token = torch.where(done, torch.full_like(token, pad_id), token)
             if seen is not None:  # a finished row's pad is not a token it produced
                 seen[torch.arange(B, device=device), token] |= ~done
-            done |= torch.isin(token, stop)
+            has_text |= ~torch.isin(token, blank)  # "Paris\n" is text and an end at once: it ends the row
+            done |= torch.isin(token, stop) | (has_text & torch.isin(token, end))
             out.append(token)
             if done.all():
                 break
@@ -135,11 +141,18 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows' outputs are ignored
     generated = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
-    stop_set = set(stop_ids)
+    stop_set, end_set, blank_set = set(stop_ids), set(end_ids), set(blank_ids)
     results = []
-    for row in generated:
-        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
+    for row in generated:  # up to the first stop token (dropped) or ending end token (kept); pads follow
+        kept, seen_text = [], False
+        for t in row:
+            if t in stop_set:
+                break
+            kept.append(t)
+            seen_text |= t not in blank_set
+            if t in end_set and seen_text:
+                break
+        results.append(kept)
     return results
 
 
@@ -169,7 +182,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str] | str, tok
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="generate", disable=not progress, leave=False):
         new_ids = generate_ids(model, [encoded[i] for i in batch], tokens_to_generate, greedy, temperature,
                                top_k, top_p, repetition_penalty, stop_ids, tokenizer.pad_id,
                                use_cache, generator)

@@ -100,7 +100,8 @@ class Scores:
                 f"on {self.n:,} questions (95 % bootstrap intervals)")
 
 
-def per_question_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[float], list[float]]:
+def per_question_scores(predictions: Sequence[str],
+                        references: Sequence[Sequence[str]]) -> tuple[list[float], list[float]]:
     """(EM, F1) of every question, each the best over its gold answers, in percent."""
     if len(predictions) != len(references):
         raise ValueError(f"score_predictions: {len(predictions)} predictions but {len(references)} "

@@ -33,7 +33,8 @@ the new token through the network.
 
 Precision. A model whose matrices are stored in bf16 (``load_base_model(dtype=torch.bfloat16)``, or
 ``trainer.precision: bf16-mixed``) runs each forward pass under autocast: bf16 matrix multiplies, a
-float32 residual stream and float32 norms, and on a CPU float32 attention (see ``precision.py``).
+float32 residual stream and float32 norms; attention runs in whichever dtype is fastest on the device
+(``attention_dtype``; see also ``precision.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .precision import autocast_like, cpu_has_amx
+from .precision import autocast_like, cpu_has_amx, matmul_dtype
 
 
 @dataclass
@@ -114,8 +115,7 @@ class RMSNorm(nn.Module):
         # Normalise in float32 even under bf16 autocast: the mean of squares loses precision otherwise.
         # Only matrix multiplies read the result, and autocast would round it to bf16 for each of them
         # (twice where LoRA reads it too): round it once here.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = matmul_dtype(x.device.type, x.dtype)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(dtype)
 
 
@@ -200,7 +200,10 @@ def attention_dtype(device_type: str, weight_dtype: torch.dtype, needs_grad: boo
     if device_type != "cpu":
         return torch.get_autocast_dtype(device_type)
     needs_grad = torch.is_grad_enabled() if needs_grad is None else needs_grad
-    return torch.bfloat16 if cpu_has_amx() and not needs_grad else torch.float32
+    autocast_dtype = torch.get_autocast_dtype(device_type)
+    if autocast_dtype == torch.bfloat16 and cpu_has_amx() and not needs_grad:
+        return torch.bfloat16
+    return torch.float32
 
 
 class Attention(nn.Module):
@@ -435,7 +438,8 @@ class GPT(nn.Module):
             seen.add(id(p))
             total += p.numel()
         if not trainable_only:
-            total += sum(m.in_features * m.out_features for m in self.modules() if getattr(m, "weight_is_quantized", False))
+            total += sum(m.in_features * m.out_features for m in self.modules()
+                         if getattr(m, "weight_is_quantized", False))
         return total
 
 

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from .analysis import rank_for_energy, read_metrics
 
 
-def plot_token_lengths(lengths: Mapping[str, Sequence[int]], max_seq_length: int | None = None, title: str = "") -> Figure:
+def plot_token_lengths(lengths: Mapping[str, Sequence[int]], max_seq_length: int | None = None,
+                       title: str = "") -> Figure:
     """Histograms of total (prompt + answer) and answer token counts; a line at ``max_seq_length``."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     ax1.hist(lengths["total"], bins=50, color="tab:blue")

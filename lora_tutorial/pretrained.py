@@ -24,6 +24,7 @@ import os
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,9 +83,17 @@ def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         return tokenizer_from_hf_dir(path)
+    return tokenizer_from_gguf_fields(gguf_fields(read_gguf(path)))
+
+
+def read_gguf(path: Path) -> Any:
+    """``gguf.GGUFReader`` for ``path``, with one clear error for a file that is not GGUF."""
     from gguf import GGUFReader
 
-    return tokenizer_from_gguf_fields(gguf_fields(GGUFReader(str(path))))
+    try:
+        return GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 - gguf raises many kinds of errors for a bad file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -169,9 +178,11 @@ LLAMA_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lm_head.weight": (("lm_head.weight",), ("output.weight",)),
     "blocks.{i}.norm_1.weight": (("layers.{i}.input_layernorm.weight",), ("blk.{i}.attn_norm.weight",)),
     "blocks.{i}.attention.attention_qkv.weight": (
-        ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.v_proj.weight"),
+        ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.k_proj.weight",
+         "layers.{i}.self_attn.v_proj.weight"),
         ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight")),
-    "blocks.{i}.attention.attention_dense.weight": (("layers.{i}.self_attn.o_proj.weight",), ("blk.{i}.attn_output.weight",)),
+    "blocks.{i}.attention.attention_dense.weight": (("layers.{i}.self_attn.o_proj.weight",),
+                                                    ("blk.{i}.attn_output.weight",)),
     "blocks.{i}.norm_2.weight": (("layers.{i}.post_attention_layernorm.weight",), ("blk.{i}.ffn_norm.weight",)),
     "blocks.{i}.mlp.mlp_fc1.weight": (("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
                                       ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight")),
@@ -190,7 +201,8 @@ def llama_names(config: GPTConfig, naming: int) -> dict[str, tuple[str, ...]]:
     return names
 
 
-def llama_state_dict(raw: dict[str, torch.Tensor], config: GPTConfig, naming: int, source: str) -> dict[str, torch.Tensor]:
+def llama_state_dict(raw: dict[str, torch.Tensor], config: GPTConfig, naming: int,
+                     source: str) -> dict[str, torch.Tensor]:
     """Our state dict from tensors named the HF or GGUF way (fused parts concatenated by rows).
 
     Every expected tensor must be in ``raw`` and nothing else may be: a missing or unexpected name is a
@@ -226,12 +238,7 @@ def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.fl
     The cache is kept per dtype (matrices in ``dtype``, norm gains float32), so that a bf16 load reads
     270 MB from disk and never holds the 540 MB float32 copy: peak memory stays at what the model needs.
     """
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as err:  # noqa: BLE001 - gguf raises many kinds of errors for a bad file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    reader = read_gguf(path)
     fields = gguf_fields(reader)
     config = gguf_config(path, fields, {t.name for t in reader.tensors})
     tokenizer = tokenizer_from_gguf_fields(fields)
@@ -290,7 +297,8 @@ def _gguf_state_dict(path: Path, reader, config: GPTConfig) -> dict[str, torch.T
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; supported types "
                                   f"are {sorted(_GGUF_TYPES)}")
         array = dequantize(t.data, t.tensor_type)
-        raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # copy: GGUF data is a read-only memmap
+        # copy: GGUF data is a read-only memmap
+        raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     for i in range(config.n_layer):  # llama.cpp's interleaved rotary rows -> the half-split layout
         for name, heads in ((f"blk.{i}.attn_q.weight", config.n_head), (f"blk.{i}.attn_k.weight", config.n_kv_head)):
             if name in raw:
@@ -333,19 +341,29 @@ def _read_hf_dir(directory: Path) -> tuple[GPTConfig, dict, Tokenizer]:
     return config, state, tokenizer_from_hf_dir(directory)
 
 
+def _required(hf: dict, directory: Path) -> Callable[[str], Any]:
+    """``need(key)``: ``hf[key]``, or a ``CheckpointError`` naming the config file and the missing key."""
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise CheckpointError(f"{directory}/config.json: missing key {key!r}")
+        return hf[key]
+    return need
+
+
 def _hf_llama(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
+    need = _required(hf, directory)
     if hf.get("rope_scaling"):
         raise CheckpointError(f"{directory}/config.json: rope_scaling={hf['rope_scaling']!r} is not supported")
-    n_head = hf["num_attention_heads"]
-    d_model = hf["hidden_size"]
+    n_head = need("num_attention_heads")
+    d_model = need("hidden_size")
     if hf.get("head_dim", d_model // n_head) != d_model // n_head:
         raise CheckpointError(f"{directory}/config.json: head_dim != hidden_size / num_attention_heads "
                               "is not supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{directory}/config.json: attention/MLP biases are not supported for llama")
     config = GPTConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model, d_ff=hf["intermediate_size"],
+        vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model, d_ff=need("intermediate_size"),
         max_seq_len=hf.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         position="rope", rope_base=float(hf.get("rope_theta", 10000.0)), mlp="swiglu", bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
@@ -357,14 +375,15 @@ def _hf_llama(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
 
 
 def _hf_gpt2(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
+    need = _required(hf, directory)
     activation = hf.get("activation_function", "gelu_new")
     if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
         raise CheckpointError(f"{directory}/config.json: activation_function {activation!r} is not supported; "
                               "expected 'gelu_new'")
-    d_model = hf["n_embd"]
+    d_model = need("n_embd")
     config = GPTConfig.gpt2_style(
-        vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=d_model,
-        d_ff=hf.get("n_inner") or 4 * d_model, max_seq_len=hf["n_positions"],
+        vocab_size=need("vocab_size"), n_layer=need("n_layer"), n_head=need("n_head"), d_model=d_model,
+        d_ff=hf.get("n_inner") or 4 * d_model, max_seq_len=need("n_positions"),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
     raw = {k.removeprefix("transformer."): v for k, v in raw.items()}
     raw = {k: v for k, v in raw.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}

@@ -77,6 +77,7 @@ from .model import GPT
 from .peft.config import TARGET_PARENTS
 from .peft.lora import LoRALinear
 from .peft.wrapping import is_peft_module, target_name
+from .precision import matmul_dtype
 from .pretrained import GGUF, CheckpointError, llama_names, resolve_model_path, unpermute_rope_rows
 from .quantize import Int8Linear
 
@@ -86,19 +87,13 @@ Q4_1_BLOCK = 32  # weights per block
 Q4_1_BYTES = 20  # bytes per block: fp16 d, fp16 m, 16 bytes of packed 4-bit codes
 
 
-class QuantizedWeightError(RuntimeError):
+class QuantizedWeightError(ValueError):
     """Something tried to write into the weight of a quantized layer (e.g. merging LoRA into it)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # The matmul: dequantize in forward, and again in backward
 # ----------------------------------------------------------------------------------------------
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer multiplies in: autocast's (bf16 under CPU bf16 autocast), else ``x``'s."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
 
 class DequantizedMatmul(torch.autograd.Function):
     """``y = x @ W.T`` with ``W = layer.dequantized(dtype)``, rebuilt in backward instead of saved.
@@ -110,7 +105,7 @@ class DequantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
-        dtype = compute_dtype(x)
+        dtype = matmul_dtype(x.device.type, x.dtype)
         ctx.layer, ctx.dtype, ctx.x_dtype = layer, dtype, x.dtype
         return F.linear(x.to(dtype), layer.dequantized(dtype))
 
@@ -395,5 +390,4 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
 
 
 __all__ = ["KINDS", "QuantizedLinear", "Q4_1Linear", "QInt8Linear", "DequantizedMatmul", "ReadOnlyWeight",
-           "QuantizedWeightError", "quantize_base", "quantized_layers", "dequantize_q4_1", "quantize_q4_1",
-           "compute_dtype"]
+           "QuantizedWeightError", "quantize_base", "quantized_layers", "dequantize_q4_1", "quantize_q4_1"]

@@ -2,16 +2,17 @@
 
 Generating one token at a time multiplies every weight matrix by a single vector: the arithmetic is
 trivial and the time goes into *reading the weights from memory* (270 MB per token for this model in
-bf16; about 8 GB/s on the project's 2-core VM, so ~33 ms per token before anything else). Storing each
-matrix as int8 halves those bytes again.
+bf16: at 30 GB/s, about what one core of the project's VM reads, ~9 ms per token before anything
+else). Storing each matrix as int8 halves those bytes again.
 
 The recipe (per-output-channel symmetric "absmax" quantization, the int8 weight-only scheme of
-PyTorch's gpt-fast): for every row ``w`` of a weight matrix keep ``scale = max|w| / 127`` and ``q = round(w / scale)``
-in int8, so that ``w ~= q * scale``. The rounding error of each weight is at most ``scale / 2``, i.e. under
-0.4 % of the row's largest weight. At batch 16 and beyond the int8 kernel is slower than plain bf16
-(measured: 78 vs 94 tokens/s), so quantize for small-batch generation. A decoding step multiplies by ``q`` directly (PyTorch's
-``_weight_int8pack_mm`` kernel, the scale applied to the outputs); a prompt of many tokens is compute-bound
-instead, and there the matrix is dequantized to bf16 once and multiplied as usual.
+PyTorch's gpt-fast): for every row ``w`` of a weight matrix keep ``scale = max|w| / 127`` and
+``q = round(w / scale)`` in int8, so that ``w ~= q * scale``. The rounding error of each weight is at
+most ``scale / 2``, i.e. under 0.4 % of the row's largest weight. A decoding step multiplies by ``q``
+directly (PyTorch's ``_weight_int8pack_mm`` kernel, the scale applied to the outputs); a prompt of many
+tokens is compute-bound instead, and there the matrix is dequantized to bf16 once and multiplied as
+usual. Whether int8 beats bf16 depends on the CPU and the batch (a CPU with AMX multiplies bf16 fast
+enough that the int8 kernel rarely wins): ``make bench`` measures both, and the README reports them.
 
 Only frozen ``nn.Linear`` layers are converted (adapters stay as they are, so a LoRA model can still be
 used; for merged LoRA call ``merge_and_unload`` first). The embedding table stays bf16 for the lookup;

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label that ``torch.nn.functional.cross_entropy`` skips by default
 ContextSplitter = Callable[[str], tuple[str, str, str]]  # text -> (head, truncatable body, tail)
+PromptFormat = Callable[[str, str, str], tuple[str, str, str]]  # (prefix, body, suffix) -> the same, reformatted
 
 
 def whole_text_is_body(text: str) -> tuple[str, str, str]:
@@ -228,6 +229,8 @@ class SFTDataset(Dataset):
     ``truncation_field`` body cut; it is logged once as a warning when not zero. ``context_splitter``
     says which part of that field may be cut (``squad.split_context``: the context, never the question).
     ``limit`` keeps the first N examples (after mixing, when ``num_samples`` is given).
+    ``prompt_format`` rewrites the rendered prompt, given as (prefix, truncatable body, suffix): e.g.
+    ``squad.chat_format(tokenizer)`` puts it into the base model's chat template.
 
     Examples are read and validated when the dataset is built (errors name file and line) and tokenized
     lazily in ``__getitem__`` -- tokenizing all of SQuAD train up front would take half a minute. Which
@@ -250,6 +253,7 @@ class SFTDataset(Dataset):
         seed: int = 1234,
         limit: int | None = None,
         context_splitter: ContextSplitter = whole_text_is_body,
+        prompt_format: PromptFormat | None = None,
     ) -> None:
         if isinstance(file_names, (str, Path)):
             file_names = [file_names]
@@ -265,6 +269,7 @@ class SFTDataset(Dataset):
         self.answer_only_loss = answer_only_loss
         self.truncation_field = self._check_truncation_field(truncation_field)
         self.context_splitter = context_splitter
+        self.prompt_format = prompt_format
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive integer or None, got {limit}")
         if concat_sampling_probabilities is not None:  # validate before the (slower) file reading
@@ -325,7 +330,8 @@ class SFTDataset(Dataset):
                 side.append(tail)
             else:
                 side.append(record[name])
-        return "".join(left), body, "".join(right)
+        pieces = "".join(left), body, "".join(right)
+        return self.prompt_format(*pieces) if self.prompt_format else pieces
 
     def _encode(self, f: int, row: int) -> _Encoded:
         """Tokenize one example piece by piece, cutting the body's last tokens if the whole is too long."""

@@ -17,6 +17,7 @@ tensors: the frozen base is reloaded from its own file, so a checkpoint is megab
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from .config import default_config
-from .generation import generate_ids, stop_token_ids
+from .generation import PAD_MULTIPLE, generate_ids, stop_token_ids
 from .metrics import clean_prediction, score_predictions
 from .model import GPT
 from .peft import PEFTConfig, ParameterSummary, add_adapter, load_adapters
@@ -36,11 +37,10 @@ from .pretrained import load_base_model
 from .qlora import quantize_base
 from .sampler import ResumableRandomSampler
 from .sft_data import SFTCollator, SFTDataset
-from .squad import chat_message, split_context
+from .squad import chat_format, chat_message, chat_wrapping, split_context
 from .tokenizer import Tokenizer
 
-SHAPE_MULTIPLE = 32  # pad sequence lengths to this multiple (sft_data.SFTCollator)
-LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16}
+MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning precision -> frozen dtype
 
 
 class SFTModel(pl.LightningModule):
@@ -69,7 +69,7 @@ class SFTModel(pl.LightningModule):
         bf16 (from a bf16 cache file after the first time), so no float32 copy of the base is ever made.
         """
         cfg = cfg if cfg is not None else default_config()
-        dtype = LOW_PRECISION.get(str(trainer.precision), torch.float32) if trainer is not None else torch.float32
+        dtype = MIXED_DTYPES.get(str(trainer.precision), torch.float32) if trainer is not None else torch.float32
         model, tokenizer = load_base_model(restore_path or cfg.model.restore_from_path, dtype=dtype)
         quantize_base(model, cfg.model.quantized_base)  # QLoRA (qlora.py); None leaves the base as loaded
         return cls(cfg, model, tokenizer)
@@ -98,7 +98,7 @@ class SFTModel(pl.LightningModule):
         Autocast would round them at every matmul anyway; stored rounded they take half the memory and
         skip that conversion. The adapters stay float32. (A no-op when ``restore_from`` already loaded them so.)
         """
-        dtype = LOW_PRECISION.get(str(self.trainer.precision))
+        dtype = MIXED_DTYPES.get(str(self.trainer.precision))
         if dtype is not None:
             cast_frozen_weights(self.model, dtype)
 
@@ -112,7 +112,7 @@ class SFTModel(pl.LightningModule):
             truncation_field=ds_cfg.truncation_field, answer_only_loss=ds_cfg.answer_only_loss,
             concat_sampling_probabilities=ds_cfg.concat_sampling_probabilities if is_train else None,
             num_samples=ds_cfg.num_samples if is_train else None, seed=self.cfg.model.seed, limit=ds_cfg.limit,
-            context_splitter=split_context)
+            context_splitter=split_context, prompt_format=chat_format(self.tokenizer) if ds_cfg.chat_template else None)
 
     def build_dataloader(self, ds_cfg: DictConfig, is_train: bool = False,
                          dataset: SFTDataset | None = None) -> DataLoader:
@@ -126,7 +126,7 @@ class SFTModel(pl.LightningModule):
 
     def collator(self) -> SFTCollator:
         """Right-padding to a multiple of 32 tokens: a few dozen shapes for the CPU's kernels (sft_data.py)."""
-        return SFTCollator(self.tokenizer.pad_id, pad_to_multiple_of=SHAPE_MULTIPLE)
+        return SFTCollator(self.tokenizer.pad_id, pad_to_multiple_of=PAD_MULTIPLE)
 
     def _train_sampler(self, dataset: SFTDataset) -> ResumableRandomSampler:
         """Exactly the examples the remaining optimizer steps need, starting after those already seen,
@@ -162,21 +162,12 @@ class SFTModel(pl.LightningModule):
         if self._step_losses:
             self.log("train_loss", torch.stack(self._step_losses).mean(), prog_bar=True)
             self.log("lr", optimizer.param_groups[0]["lr"])
-            self.log("trained_steps", float(self.global_step + 1))  # this step, counted from 1 (see analysis.read_metrics)
+            # this step, counted from 1 (see analysis.read_metrics)
+            self.log("trained_steps", float(self.global_step + 1))
         self._step_losses = []
 
-    # Validation and prediction only read the model: LoRA runs merged there (peft.lora.merged_for_inference),
-    # and the base weights are put back exactly afterwards.
-
-    def on_validation_epoch_start(self) -> None:
-        self._merged = merged_for_inference(self.model)
-        self._merged.__enter__()
-
-    def on_predict_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_predict_epoch_end(self) -> None:
-        self._merged.__exit__(None, None, None)
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [MergedWhileGenerating()]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self.model.loss(batch["input_ids"], batch["labels"])
@@ -188,7 +179,6 @@ class SFTModel(pl.LightningModule):
             self._val_references += batch["answers"]
 
     def on_validation_epoch_end(self) -> None:
-        self._merged.__exit__(None, None, None)
         if self._val_predictions:
             scores = score_predictions(self._val_predictions, self._val_references)
             self.log("val_em", scores.exact_match, prog_bar=True)
@@ -207,7 +197,7 @@ class SFTModel(pl.LightningModule):
     def prompt_ids(self, batch: dict, use_chat_template: bool = False) -> list[list[int]]:
         """The token ids to generate from: each example's (possibly truncated) prompt, or the prompt as
         one message in the base model's chat template (the fair zero-shot setting for an instruct model)."""
-        if not use_chat_template:
+        if not use_chat_template or batch["prompts"][0].startswith(chat_wrapping(self.tokenizer)[0]):  # already in it
             return [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lens"])]
         chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": chat_message(p)}])
                  for p in batch["prompts"]]
@@ -222,18 +212,20 @@ class SFTModel(pl.LightningModule):
         opts = {**self.inference_cfg, **overrides}
         prompts = self.prompt_ids(batch, opts["use_chat_template"])
         # An answer is its first line (metrics.clean_prediction), so a row may end at its first newline.
+        newlines, blanks = self.newline_and_blank_ids()
         new_ids = generate_ids(self.model, prompts, tokens_to_generate=opts["tokens_to_generate"],
                                greedy=opts["greedy"], temperature=opts["temperature"], top_k=opts["top_k"],
                                top_p=opts["top_p"], repetition_penalty=opts["repetition_penalty"],
                                stop_ids=stop_token_ids(self.tokenizer), pad_id=self.tokenizer.pad_id,
-                               generator=generator, end_ids=self._newline_ids())
+                               generator=generator, end_ids=newlines, blank_ids=blanks)
         return [clean_prediction(self.tokenizer.decode(ids)) for ids in new_ids]
 
-    def _newline_ids(self) -> list[int]:
-        """The vocabulary's tokens whose text holds a newline (computed once)."""
-        if not hasattr(self, "_newlines"):
-            self._newlines = self.tokenizer.ids_containing("\n")
-        return self._newlines
+    def newline_and_blank_ids(self) -> tuple[list[int], list[int]]:
+        """The vocabulary's tokens that hold a newline, and those that are only whitespace (computed once)."""
+        if not hasattr(self, "_newlines_and_blanks"):
+            self._newlines_and_blanks = (self.tokenizer.ids_where(lambda text: "\n" in text),
+                                         self.tokenizer.ids_where(lambda text: not text.strip()))
+        return self._newlines_and_blanks
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -252,8 +244,38 @@ class SFTModel(pl.LightningModule):
     # -- checkpoints: adapter tensors only -------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the trainable tensors, and PiSSA / OLoRA's initial factors (``lora_A0``, ``lora_B0``: buffers
+        that resuming needs in the state dict; ``add_adapter`` recomputes the same values on resume)."""
         trainable = {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trainable or k.endswith((".lora_A0", ".lora_B0"))}
+
+
+class MergedWhileGenerating(pl.Callback):
+    """Validation and prediction only read the model, so LoRA runs merged there (one matmul per adapted
+    layer instead of three: ``peft.lora.merged_for_inference``); the base weights are put back exactly when
+    the loop ends, and also when it fails or is interrupted (``on_exception``), so training never resumes
+    on merged weights."""
+
+    def __init__(self) -> None:
+        self._merged: contextlib.AbstractContextManager | None = None
+
+    def _enter(self, pl_module: pl.LightningModule) -> None:
+        self._merged = merged_for_inference(pl_module.model)
+        self._merged.__enter__()
+
+    def _exit(self, *_: Any) -> None:
+        if self._merged is not None:
+            self._merged.__exit__(None, None, None)
+            self._merged = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter(pl_module)
+
+    on_validation_end = on_predict_end = on_exception = _exit
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:

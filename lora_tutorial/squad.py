@@ -36,14 +36,14 @@ import json
 import os
 import random
 import re
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-from tqdm.auto import tqdm
+from typing import Any, Callable, Sequence
 
 from .files import atomic_write, write_json, write_jsonl
+from .progress import progress_bar
 from .sft_data import allocate_samples
 
 # --------------------------------------------------------------------------------------------------
@@ -86,6 +86,28 @@ def question_of(prompt: str) -> str:
     if start < 0:
         return prompt
     return prompt[start + len("Question:"):].removesuffix(_ASSISTANT).strip()
+
+
+def chat_wrapping(tokenizer) -> tuple[str, str]:
+    """The text ``tokenizer``'s chat template puts before and after one user message (up to the reply)."""
+    before, after = tokenizer.apply_chat_template([{"role": "user", "content": "\0"}]).split("\0")
+    return before, after
+
+
+def chat_format(tokenizer) -> Callable[[str, str, str], tuple[str, str, str]]:
+    """A ``prompt_format`` for ``SFTDataset``: the prompt as one user message of ``tokenizer``'s chat
+    template, the answer as the assistant's reply (the format an instruct model was trained on)."""
+    before, after = chat_wrapping(tokenizer)
+
+    def reformat(prefix: str, body: str, suffix: str) -> tuple[str, str, str]:
+        # SQuAD's own "User: " / "Assistant:" markers give way to the template's. They sit at the two ends
+        # of the prompt, whichever pieces those are (a prompt that was not split is all prefix or body).
+        pieces = [prefix, body, suffix]
+        filled = [i for i, piece in enumerate(pieces) if piece] or [0]
+        pieces[filled[0]] = pieces[filled[0]].removeprefix(_USER)
+        pieces[filled[-1]] = pieces[filled[-1]].removesuffix(_ASSISTANT).rstrip()
+        return before + pieces[0], pieces[1], pieces[2] + after
+    return reformat
 
 
 def chat_message(prompt: str) -> str:
@@ -131,7 +153,7 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, chunk_s
     digest = hashlib.sha256()
     with urllib.request.urlopen(url) as response, atomic_write(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
             while chunk := response.read(chunk_size):
                 out.write(chunk)
                 digest.update(chunk)
@@ -195,7 +217,13 @@ def download_squad(data_dir: str | Path, source: str | Path | None = None) -> di
             copy_local_squad(local, dest, spec)
         else:
             print(f"{dest}: downloading {spec.url}")
-            download_file(spec.url, dest, sha256=spec.sha256)
+            try:
+                download_file(spec.url, dest, sha256=spec.sha256)
+            except urllib.error.URLError as err:  # no network, a proxy, a 404 ...
+                raise FileNotFoundError(
+                    f"{dest}: could not download {spec.url} ({err}); without network access, put "
+                    f"{spec.filename} (or {spec.filename}.gz) in a folder and pass it as --source or in "
+                    f"the {SQUAD_SOURCE_ENV} environment variable") from err
         paths[split] = dest
     return paths
 
@@ -303,7 +331,8 @@ def make_splits(train_articles: list[list[dict]], dev_articles: list[list[dict]]
     train = [r for a, records in enumerate(train_articles) if a not in held_out for r in records]
     test = stratified_sample(dev_articles, TEST_SIZE, TEST_SEED)
     manifest = {
-        "validation": {"seed": VALIDATION_SEED, "from": "train-v1.1.json", "articles": [train_articles[a][0]["title"] for a in held_out],
+        "validation": {"seed": VALIDATION_SEED, "from": "train-v1.1.json",
+                       "articles": [train_articles[a][0]["title"] for a in held_out],
                        "ids": [r["id"] for r in validation]},
         "test": {"seed": TEST_SEED, "from": "dev-v1.1.json", "articles": len(dev_articles),
                  "ids": [r["id"] for r in test]},
@@ -343,5 +372,5 @@ def prepare_squad(data_dir: str | Path = "data", source: str | Path | None = Non
     return paths
 
 
-__all__ = ["format_prompt", "split_context", "question_of", "chat_message", "prepare_squad", "download_squad",
-           "load_squad", "stratified_sample", "make_splits", "SQUAD_FILES"]
+__all__ = ["format_prompt", "split_context", "question_of", "chat_message", "chat_format", "chat_wrapping",
+           "prepare_squad", "download_squad", "load_squad", "stratified_sample", "make_splits", "SQUAD_FILES"]

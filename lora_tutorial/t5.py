@@ -157,7 +157,8 @@ class T5Attention(nn.Module):
         k = self.k(kv).view(B, -1, self.n_head, self.d_kv).transpose(1, 2)  # (B, H, S, d_kv)
         v = self.v(kv).view(B, -1, self.n_head, self.d_kv).transpose(1, 2)
         # scale=1.0: T5 never divides by sqrt(d_kv); its q weights were initialised smaller instead.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=1.0)
+        mask = None if bias is None else bias.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)  # not -inf in bf16
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_kv))
 
 
@@ -292,7 +293,7 @@ _HF_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 
-def hf_name(name: str) -> str:
+def t5_hf_name(name: str) -> str:
     """Our parameter name -> HF's: ``decoder.blocks.1.cross_attn.q.weight`` ->
     ``decoder.block.1.layer.1.EncDecAttention.q.weight``."""
     match = re.fullmatch(r"(encoder|decoder)\.(?:blocks\.(\d+)\.)?(\w+)\.(.+)", name)
@@ -346,7 +347,7 @@ def load_t5(directory: str | Path) -> tuple[T5, Tokenizer | None]:
         model = T5(config)
     state = {}
     for name, param in model.named_parameters():  # a tied head is listed once, as shared.weight
-        key = hf_name(name)
+        key = t5_hf_name(name)
         if key not in raw:
             raise CheckpointError(f"{directory}: tensor {key!r} is missing from {', '.join(f.name for f in files)}")
         tensor = raw.pop(key)
@@ -389,7 +390,7 @@ def add_lora_t5(model: T5, rank: int, alpha: float, targets: Sequence[str] = ("q
 ADAPTER_FORMAT = "lora_tutorial.t5_lora/1"
 
 
-def base_fingerprint(model: T5) -> dict[str, Any]:
+def t5_base_fingerprint(model: T5) -> dict[str, Any]:
     """The base's config and a SHA-256 of some embedding rows (rounded to bf16, so fp32 and bf16 agree)."""
     rows = model.shared.weight[:16].detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
     return {"config": asdict(model.config), "sha256": hashlib.sha256(rows.numpy().tobytes()).hexdigest()}
@@ -401,7 +402,7 @@ def save_t5_lora(model: T5, path: str | Path) -> Path:
     if model.lora is None:
         raise ValueError("save_t5_lora: the model has no LoRA layers (call add_lora_t5 first)")
     tensors = {key: t.to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
-    info = {"format": ADAPTER_FORMAT, "lora": model.lora, "base": base_fingerprint(model)}
+    info = {"format": ADAPTER_FORMAT, "lora": model.lora, "base": t5_base_fingerprint(model)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "lora_tutorial_t5": json.dumps(info)})
     return Path(path)
@@ -422,7 +423,7 @@ def load_t5_lora(model: T5, path: str | Path, check_base: bool = True) -> list[s
     settings = info.get("lora")
     if info.get("format") != ADAPTER_FORMAT:
         raise AdapterCheckpointError(f"{path}: format {info.get('format')!r}; this version reads {ADAPTER_FORMAT!r}")
-    if check_base and info["base"] != base_fingerprint(model):
+    if check_base and info["base"] != t5_base_fingerprint(model):
         raise AdapterCheckpointError(f"{path}: these adapters were trained on another base model (config or "
                                      "weights differ); pass check_base=False to load them anyway")
     if model.lora is not None and model.lora != settings:
@@ -445,5 +446,5 @@ def load_t5_lora(model: T5, path: str | Path, check_base: bool = True) -> list[s
     return names
 
 
-__all__ = ["T5Config", "T5", "T5Attention", "relative_position_bucket", "hf_name", "load_t5",
+__all__ = ["T5Config", "T5", "T5Attention", "relative_position_bucket", "t5_hf_name", "load_t5",
            "add_lora_t5", "attention_targets", "save_t5_lora", "load_t5_lora"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -61,10 +61,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def ids_containing(self, text: str) -> list[int]:
-        """Every token id whose decoded text contains ``text`` (e.g. all the tokens that hold a newline)."""
+    def ids_where(self, test: Callable[[str], bool]) -> list[int]:
+        """Every token id whose decoded text passes ``test`` (e.g. ``lambda t: "\\n" in t``: the newline tokens)."""
         pieces = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
-        return [i for i, piece in enumerate(pieces) if text in piece]
+        return [i for i, piece in enumerate(pieces) if test(piece)]
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render ``[{"role": "user", "content": "..."}, ...]`` as ChatML text.

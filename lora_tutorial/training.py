@@ -58,7 +58,7 @@ def resolve_devices(cfg: DictConfig) -> int:
         return len(devices)
     if devices != "auto":
         raise ConfigError(f"trainer.devices={devices!r}: expected a positive integer, a list of device ids or 'auto'")
-    return max(1, torch.cuda.device_count()) if resolve_accelerator(cfg) == "gpu" else 1
+    return max(1, torch.cuda.device_count()) if resolve_accelerator(cfg) in ("gpu", "cuda") else 1
 
 
 def gradient_accumulation(cfg: DictConfig) -> int:
@@ -144,8 +144,8 @@ class SaveAdapterOnTrainEnd(Callback):
 
 
 def log_dir_of(cfg: DictConfig) -> Path:
-    em = cfg.exp_manager
-    return Path(em.explicit_log_dir) if em.explicit_log_dir else Path(em.exp_dir) / em.name
+    exp_cfg = cfg.exp_manager
+    return Path(exp_cfg.explicit_log_dir) if exp_cfg.explicit_log_dir else Path(exp_cfg.exp_dir) / exp_cfg.name
 
 
 def adapter_path_of(cfg: DictConfig) -> Path:
@@ -157,33 +157,38 @@ def exp_manager(trainer: pl.Trainer, cfg: DictConfig) -> Path:
     """Attach the CSV logger, checkpointing and the adapter export to ``trainer``; return the log dir.
 
     With ``resume_if_exists`` and a ``checkpoints/last.ckpt`` from an earlier (interrupted) run,
-    ``trainer.fit`` continues from it: same step, optimizer state and data position. Without it, the
-    checkpoints of an earlier run in the same directory are removed, so that they cannot be mistaken for
-    this run's.
+    ``trainer.fit`` continues from it: same step, optimizer state and data position. Without it, what an
+    earlier run left in the same directory (checkpoints, ``metrics.csv``, the adapter file) is removed, so
+    that it cannot be mistaken for this run's -- except an adapter file this run starts from
+    (``model.peft.restore_from_path``).
     """
-    em = cfg.exp_manager
+    exp_cfg = cfg.exp_manager
     log_dir = log_dir_of(cfg)
     ckpt_dir = log_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.ckpt"
-    if em.resume_if_exists and last.exists():
+    adapter = ckpt_dir / exp_cfg.adapter_file
+    if exp_cfg.resume_if_exists and last.exists():
         print(f"Resuming from {last}")
         trainer.ckpt_path = str(last)
     elif trainer.is_global_zero:
-        for stale in [*ckpt_dir.glob("*.ckpt"), log_dir / "metrics.csv"]:
-            logger.info("removing %s of an earlier run", stale)
-            stale.unlink(missing_ok=True)
+        start_from = cfg.model.peft.get("restore_from_path")
+        keep = {Path(start_from).resolve()} if start_from else set()
+        for stale in [*ckpt_dir.glob("*.ckpt"), log_dir / "metrics.csv", adapter]:
+            if stale.exists() and stale.resolve() not in keep:
+                logger.info("removing %s of an earlier run", stale)
+                stale.unlink()
     if trainer.is_global_zero:
         write_text(OmegaConf.to_yaml(cfg, resolve=True), log_dir / "hparams.yaml")
     trainer.loggers = [CSVLogger(save_dir=str(log_dir), name="", version="")]
-    if em.create_checkpoint_callback:
-        p = em.checkpoint_callback_params
+    if exp_cfg.create_checkpoint_callback:
+        p = exp_cfg.checkpoint_callback_params
         # Without validation there is no val_loss to rank checkpoints by (Lightning would then save none).
         monitor = p.monitor if trainer.limit_val_batches != 0 else None
         trainer.callbacks.append(ModelCheckpoint(
-            dirpath=str(ckpt_dir), filename=f"{em.name}--{{step}}", monitor=monitor, mode=p.mode,
+            dirpath=str(ckpt_dir), filename=f"{exp_cfg.name}--{{step}}", monitor=monitor, mode=p.mode,
             save_top_k=p.save_top_k, save_last=p.save_last, every_n_train_steps=p.every_n_train_steps))
-    trainer.callbacks.append(SaveAdapterOnTrainEnd(ckpt_dir / em.adapter_file))
+    trainer.callbacks.append(SaveAdapterOnTrainEnd(adapter))
     return log_dir
 
 

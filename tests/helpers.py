@@ -253,7 +253,7 @@ def tiny_overrides(root: Path, log_dir: Path, max_steps: int = 6) -> list[str]:
             f"model.data.test_ds.file_names=[{root / 'val.jsonl'}]",
             f"exp_manager.explicit_log_dir={log_dir}", f"trainer.max_steps={max_steps}",
             "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu",
+            "trainer.accelerator=cpu", "trainer.precision=32",  # float32: exact comparisons in the tests
             "model.global_batch_size=2", "model.micro_batch_size=1", "model.optim.lr=0.01",
             "model.peft.lora_tuning.adapter_dim=4", "model.peft.lora_tuning.alpha=8",
             "model.data.validation_ds.tokens_to_generate=4", "model.data.validation_ds.limit=null",

@@ -69,6 +69,8 @@ def test_interpolations_follow_the_run_name():
      "['attention_qkvv']", "attention_qkv"),
     ("model.peft.lora_tuning.layer_selection=[1,1]", "model.peft.lora_tuning.layer_selection", "[1, 1]", "distinct"),
     ("model.data.validation_ds.metric=bleu", "model.data.validation_ds.metric", "'bleu'", "one of squad"),
+    ("model.data.train_ds.micro_batch_size=2", "model.data.train_ds.micro_batch_size", "2",
+     "model.micro_batch_size=4"),
 ])
 def test_bad_values_name_key_value_and_expectation(override, key, value, expected):
     with pytest.raises(ConfigError) as err:
@@ -127,3 +129,11 @@ def test_good_values_are_accepted_and_typed():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_an_override_yaml_cannot_read_is_one_error_naming_it():
+    expected = r"override 'model.data.train_ds.prompt_template=\{input\}\{output\}'.*quote it"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(CONF / "peft_tuning.yaml", ["model.data.train_ds.prompt_template={input}{output}"])
+    quoted = load_config(CONF / "peft_tuning.yaml", ["model.data.train_ds.prompt_template='{input}{output}'"])
+    assert quoted.model.data.train_ds.prompt_template == "{input}{output}"

@@ -195,3 +195,48 @@ def test_sampling_restricted_to_one_token_is_greedy(knobs):
     sampled = generate_ids(model, prompts, tokens_to_generate=10, greedy=False, temperature=3.0,
                            generator=torch.Generator().manual_seed(0), **knobs)
     assert sampled == greedy
+
+
+def test_end_ids_end_a_row_but_stay_in_its_output():
+    model = tiny_model()
+    prompts = [[5, 6, 7], [8, 9]]
+    free = generate_ids(model, prompts, tokens_to_generate=8)
+    end = free[0][2]  # what the first row says third: make it an "end" token
+    ended = generate_ids(model, prompts, tokens_to_generate=8, end_ids=[end])
+    assert ended[0] == free[0][:free[0].index(end) + 1]  # kept, and nothing after it
+    cut = free[1].index(end) + 1 if end in free[1] else len(free[1])
+    assert ended[1] == free[1][:cut]
+
+
+def test_lora_merged_for_inference_gives_the_unmerged_logits_and_restores_the_weights_exactly():
+    from lora_tutorial.peft.lora import lora_modules, merged_for_inference
+
+    model = tiny_model()
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=4, alpha=8.0), verbose=False)
+    randomize_adapters(model, seed=3)
+    ids = random_ids(2, 9)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    unmerged = logits(model, ids)
+    with merged_for_inference(model) as n:
+        assert n == len(lora_modules(model)) and all(m.merged for m in lora_modules(model))
+        torch.testing.assert_close(logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    assert not any(m.merged for m in lora_modules(model))
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+
+
+def test_an_end_token_before_any_text_does_not_end_the_row():
+    model = tiny_model()
+    free = generate_ids(model, [[5, 6, 7]], tokens_to_generate=8)[0]
+    first = free[0]
+    # the first token is an "end" token but also "blank" (no text yet): the row goes on
+    kept = generate_ids(model, [[5, 6, 7]], tokens_to_generate=8, end_ids=[first], blank_ids=[first])[0]
+    later = free.index(first, 1) + 1 if first in free[1:] else len(free)
+    assert kept == free[:later]
+
+
+def test_an_end_token_that_holds_text_ends_the_row_at_once():
+    model = tiny_model()
+    free = generate_ids(model, [[5, 6, 7]], tokens_to_generate=8)[0]
+    first = free[0]  # like "Paris\n": an end token (it holds a newline) that is not blank
+    kept = generate_ids(model, [[5, 6, 7]], tokens_to_generate=8, end_ids=[first], blank_ids=[free[1]])[0]
+    assert kept == free[:1]

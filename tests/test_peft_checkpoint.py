@@ -130,6 +130,15 @@ def test_fingerprint_ignores_dtype_and_adapters_but_not_weights():
     assert base_fingerprint(named_base(seed=1)) != fp
 
 
+def test_fingerprint_of_an_int8_quantized_base_is_a_clear_error():
+    from lora_tutorial.quantize import quantize_int8
+
+    model = named_base().requires_grad_(False)
+    assert quantize_int8(model) > 0
+    with pytest.raises(AdapterCheckpointError, match="Int8Linear without a weight tensor.*before quantize_int8"):
+        base_fingerprint(model)
+
+
 def test_read_adapter_file_gives_the_adapter_tensors_and_configs(lora_file):
     model = trained(CONFIGS["lora"])
     tensors, info = read_adapter_file(lora_file)

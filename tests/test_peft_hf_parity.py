@@ -71,6 +71,22 @@ def test_export_refuses_other_methods(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_refuses_two_loras_and_a_merged_one(tmp_path):
+    from lora_tutorial.peft import merge_lora
+
+    model = tiny_model()
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=4), verbose=False)
+    add_adapter(model, LoraPEFTConfig(None, adapter_dim=4), verbose=False, name="second")
+    with pytest.raises(ValueError, match="exports one LoRA; this model has 2 .default, second."):
+        export_hf_peft(model, tmp_path)
+    merged = tiny_model()
+    add_adapter(merged, LoraPEFTConfig(None, adapter_dim=4), verbose=False)
+    merge_lora(merged)
+    with pytest.raises(ValueError, match="merged into the base weight.*unmerge_lora"):
+        export_hf_peft(merged, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------
 # The real model (slow)
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_tutorial.peft import (AdapterPEFTConfig, LoraPEFTConfig, PtuningPEFTConfig, add_adapter, adapter_names,
-                                combine_lora, disable_adapters, load_adapters, remove_adapters, save_adapters,
-                                set_adapter)
+                                combine_lora, disable_adapters, freeze_prompt_encoder, load_adapters, merge_and_unload,
+                                merge_lora, remove_adapters, save_adapters, set_adapter, unmerge_lora)
 from lora_tutorial.peft.inject import adapter_name_of
 from lora_tutorial.peft.lora import LoRALinear
 
@@ -111,3 +111,56 @@ def test_only_one_p_tuning_prompt_fits_the_model(tmp_path):
     with pytest.raises(ValueError, match="one virtual-prompt slot"):
         add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=2, bottleneck_dim=8, embedding_dim=8),
                     verbose=False, name="second")
+
+
+def test_merging_keeps_a_switched_off_adapter_out_of_the_weights(tmp_path):
+    one, path_one = trained_lora(tmp_path, seed=1)
+    _, path_two = trained_lora(tmp_path, seed=2)
+    model = tiny_model()
+    load_adapters(model, path_one, name="one")
+    load_adapters(model, path_two, name="two")  # nested: "two" wraps "one"'s layers
+    set_adapter(model, "one")
+    ids = random_ids(2, 9)
+    expected = logits(one, ids)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    set_adapter(model, "two")  # unmerges "one" on the way: its update must leave the weights
+    two_only = logits(model, ids)
+    set_adapter(model, "one")
+    unmerge_lora(model)
+    merge_and_unload(model)  # "one" goes into the weights; "two" (switched off) stays a LoRA layer
+    assert adapter_names(model) == ["two"]
+    assert {adapter_name_of(m) for m in model.modules() if isinstance(m, LoRALinear)} == {"two"}
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+    set_adapter(model, "two")
+    assert not torch.allclose(logits(model, ids), two_only, atol=1e-4)  # now on top of the merged "one"
+
+
+def test_merge_and_unload_of_nested_adapters_bakes_both_into_plain_linears(tmp_path):
+    _, path_one = trained_lora(tmp_path, seed=1)
+    _, path_two = trained_lora(tmp_path, seed=2)
+    model = tiny_model()
+    load_adapters(model, path_one, name="one")
+    load_adapters(model, path_two, name="two")
+    ids = random_ids(2, 9)
+    both = logits(model, ids)  # both switched on after loading: the two updates add up
+    merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(type(m.attention_qkv) is torch.nn.Linear for m in (b.attention for b in model.blocks))
+    assert model.peft_configs == []
+    torch.testing.assert_close(logits(model, ids), both, atol=1e-5, rtol=1e-5)
+
+
+def test_a_named_p_tuning_prompt_keeps_its_name_when_frozen_and_saved(tmp_path):
+    model = tiny_model()
+    add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=2, bottleneck_dim=8, embedding_dim=8), verbose=False,
+                name="prompt")
+    randomize_adapters(model, seed=3)
+    freeze_prompt_encoder(model)
+    assert adapter_name_of(model.virtual_prompt) == "prompt"
+    path = save_adapters(model, tmp_path / "prompt.safetensors", name="prompt")
+    fresh = tiny_model()
+    load_adapters(fresh, path, name="prompt")
+    ids = random_ids(2, 5)
+    assert adapter_names(fresh) == ["prompt"]
+    assert torch.equal(logits(fresh, ids), logits(model, ids))

@@ -78,6 +78,8 @@ def test_forward_only_attention_is_bf16_exactly_where_the_cpu_has_amx():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cache = model.new_cache(1, 8)
     assert cache.keys[0].dtype == (torch.bfloat16 if cpu_has_amx() else torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # fp16 autocast: never bf16 attention
+        assert model.new_cache(1, 8).keys[0].dtype == torch.float32
 
 
 def test_trainable_tensors_are_at_least_float32():

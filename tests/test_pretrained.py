@@ -337,3 +337,21 @@ def test_tiny_tokenizer_dir_round_trips(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(tok.token_to_id(t) for t in
                                                          ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
+
+
+def test_hf_config_without_a_required_key_names_it(tmp_path):
+    save_hf_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json: missing key 'intermediate_size'"):
+        load_base_model(tmp_path)
+
+
+def test_load_tokenizer_of_a_file_that_is_not_gguf(tmp_path):
+    from lora_tutorial import load_tokenizer
+
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"GGUF" + b"\x07" * 40)
+    with pytest.raises(CheckpointError, match="broken.gguf: not a readable GGUF"):
+        load_tokenizer(f)

@@ -60,7 +60,8 @@ def test_generate_cli_with_low_precision_weights(precision):
     import sys
 
     out = subprocess.run([sys.executable, "-m", "lora_tutorial", "generate", "--prompt",
-                          "Which city is the capital of France?", "--precision", precision, "--tokens-to-generate", "12"],
+                          "Which city is the capital of France?", "--precision", precision,
+                          "--tokens-to-generate", "12"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout

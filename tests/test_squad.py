@@ -388,3 +388,40 @@ def test_make_splits_is_deterministic_and_gives_the_prepared_files(real):
     assert manifest == real["manifest"]
     for name in ("train", "validation", "test"):
         assert [r["id"] for r in first[name]] == [r["id"] for r in real["files"][f"split_{name}"]], name
+
+
+def test_chat_format_puts_the_prompt_into_the_chat_template_and_keeps_the_context_cuttable(tmp_path):
+    from lora_tutorial import load_tokenizer
+    from lora_tutorial.sft_data import SFTDataset
+    from lora_tutorial.squad import chat_format, chat_message, format_prompt, split_context
+
+    tokenizer = load_tokenizer()
+    record = {"input": format_prompt("Paris is the capital of France. " * 40, "Which city is the capital?"),
+              "output": "Paris"}
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": chat_message(record["input"])}])
+    prefix, body, suffix = chat_format(tokenizer)(*split_context(record["input"]))
+    assert prefix + body + suffix == expected
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    short = SFTDataset([path], tokenizer, max_seq_length=120, prompt_template="{input}{output}",
+                       context_splitter=split_context, prompt_format=chat_format(tokenizer))[0]
+    assert short["prompt"].startswith(prefix) and short["prompt"].endswith(suffix)  # only the context was cut
+    assert tokenizer.decode(short["input_ids"][short["prompt_len"]:]) == "Paris"
+    # a prompt that was not split (truncation_field: null) loses SQuAD's markers all the same
+    whole = chat_format(tokenizer)(record["input"], "", "")
+    assert "".join(whole) == expected
+
+
+def test_a_failed_download_says_how_to_work_offline(tmp_path, monkeypatch):
+    import urllib.error
+
+    from lora_tutorial import squad
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.delenv(squad.SQUAD_SOURCE_ENV, raising=False)
+    monkeypatch.setattr(squad.urllib.request, "urlopen", no_network)
+    with pytest.raises(FileNotFoundError, match=r"could not download .*name resolution.*--source.*SQUAD_SOURCE_DIR"):
+        squad.download_squad(tmp_path)
+    assert not list((tmp_path / "SQuAD").glob("*.json"))

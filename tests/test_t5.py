@@ -18,7 +18,7 @@ import transformers  # noqa: E402
 
 from lora_tutorial.peft import AdapterCheckpointError, LoRALinear, merge_lora, unmerge_lora
 from lora_tutorial.pretrained import CheckpointError
-from lora_tutorial.t5 import (T5Attention, add_lora_t5, hf_name, load_t5, load_t5_lora, relative_position_bucket,
+from lora_tutorial.t5 import (T5Attention, add_lora_t5, t5_hf_name, load_t5, load_t5_lora, relative_position_bucket,
                               save_t5_lora)
 
 transformers.logging.set_verbosity_error()
@@ -243,11 +243,11 @@ def test_lora_equals_hf_peft_with_the_same_tensors(pair, padded):
     theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                      target_modules=["q", "v"])).eval()
     hf_lora = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")}
-    assert hf_lora == {hf_name(f"{n}.weight").removesuffix(".weight") for n in names}
+    assert hf_lora == {t5_hf_name(f"{n}.weight").removesuffix(".weight") for n in names}
     with torch.no_grad():
         for name in names:
             layer, target = ours.get_submodule(name), theirs.base_model.model.get_submodule(
-                hf_name(f"{name}.weight").removesuffix(".weight"))
+                t5_hf_name(f"{name}.weight").removesuffix(".weight"))
             target.lora_A["default"].weight.copy_(layer.lora_A)
             target.lora_B["default"].weight.copy_(layer.lora_B)
     x = batch(padded=padded)

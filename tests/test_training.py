@@ -144,10 +144,16 @@ def test_exp_manager_clears_an_earlier_run_unless_resuming(tiny_setup, tmp_path)
     cfg = load_config(None, tiny_overrides(tiny_setup, tmp_path))
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir(parents=True)
-    for stale in (ckpt / "last.ckpt", ckpt / "old--step=3.ckpt", tmp_path / "metrics.csv"):
+    adapter = adapter_path_of(cfg)
+    for stale in (ckpt / "last.ckpt", ckpt / "old--step=3.ckpt", tmp_path / "metrics.csv", adapter):
         stale.write_text("stale")
     assert exp_manager(build_trainer(cfg), cfg) == tmp_path
-    assert not list(ckpt.glob("*.ckpt")) and not (tmp_path / "metrics.csv").exists()
+    assert not list(ckpt.glob("*.ckpt")) and not (tmp_path / "metrics.csv").exists() and not adapter.exists()
+    # ... but an adapter file this run starts from (continued training in the same directory) stays
+    adapter.write_text("the adapter to continue from")
+    start_from = load_config(None, tiny_overrides(tiny_setup, tmp_path) + [f"model.peft.restore_from_path={adapter}"])
+    exp_manager(build_trainer(start_from), start_from)
+    assert adapter.read_text() == "the adapter to continue from"
     (ckpt / "last.ckpt").write_text("from an interrupted run")
     resume = load_config(None, tiny_overrides(tiny_setup, tmp_path) + ["exp_manager.resume_if_exists=true"])
     trainer = build_trainer(resume)
@@ -207,3 +213,34 @@ def test_warmup_cosine_by_hand():
     # linear warm-up over steps 0, 1; then cosine from 1 at step 2 to 0.1 at step 10 (halfway at step 6)
     assert [factor(s) for s in (0, 1, 2, 6, 10, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
     assert warmup_cosine(0, 4, 0.0)(2) == pytest.approx(0.5)  # no warm-up: halfway down at half the steps
+
+
+class CrashInValidation(Callback):
+    """Fails in the middle of the first validation batch loop, after LoRA has been merged for it."""
+
+    def __init__(self) -> None:
+        self.merged_seen = False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        from lora_tutorial.peft.lora import lora_modules
+
+        self.merged_seen = all(m.merged for m in lora_modules(pl_module.model))
+        raise RuntimeError("simulated crash in validation")
+
+
+def test_a_crash_during_validation_leaves_lora_unmerged_and_the_base_weights_intact(tiny_setup, tmp_path):
+    from lora_tutorial.peft.lora import lora_modules
+
+    cfg = load_config(None, tiny_overrides(tiny_setup, tmp_path))
+    trainer = build_trainer(cfg, callbacks=[crash := CrashInValidation()])
+    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg, trainer)
+    model.add_adapter(peft_configs_from_scheme(cfg.model))
+    layers = lora_modules(model.model)
+    for layer in layers:  # a nonzero update, so that a merged weight would differ from the base
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    before = [layer.base.weight.detach().clone() for layer in layers]
+    with pytest.raises(RuntimeError, match="simulated crash in validation"):
+        trainer.fit(model)
+    assert crash.merged_seen  # validation did run merged ...
+    assert not any(layer.merged for layer in layers)  # ... and the failure put everything back
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(layers, before))

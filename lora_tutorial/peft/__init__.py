@@ -25,7 +25,8 @@ and ``lora_init.py`` (PiSSA / OLoRA initialisation).
 """
 
 from .checkpoint import AdapterCheckpointError, load_adapters, save_adapters
-from .config import AdapterPEFTConfig, IA3PEFTConfig, LoraPEFTConfig, PEFTConfig, PtuningPEFTConfig, peft_configs_from_scheme
+from .config import (AdapterPEFTConfig, IA3PEFTConfig, LoraPEFTConfig, PEFTConfig, PtuningPEFTConfig,
+                     peft_configs_from_scheme)
 from .hf_export import export_hf_peft
 from .inject import (ParameterSummary, add_adapter, adapter_parameters, disable_adapters, parameter_summary,
                      remove_adapters)
@@ -34,7 +35,8 @@ from .multi import active_adapters, adapter_names, combine_lora, set_adapter
 from .ptuning import freeze_prompt_encoder
 
 __all__ = [
-    "PEFTConfig", "LoraPEFTConfig", "AdapterPEFTConfig", "IA3PEFTConfig", "PtuningPEFTConfig", "peft_configs_from_scheme",
+    "PEFTConfig", "LoraPEFTConfig", "AdapterPEFTConfig", "IA3PEFTConfig", "PtuningPEFTConfig",
+    "peft_configs_from_scheme",
     "add_adapter", "remove_adapters", "disable_adapters", "adapter_parameters", "parameter_summary", "ParameterSummary",
     "LoRALinear", "merge_lora", "unmerge_lora", "merge_and_unload", "freeze_prompt_encoder",
     "save_adapters", "load_adapters", "AdapterCheckpointError", "export_hf_peft",

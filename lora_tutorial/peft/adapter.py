@@ -87,7 +87,8 @@ def apply_adapters(model: GPT, cfg: AdapterPEFTConfig) -> list[str]:
 
     def make(layer: nn.Module) -> AdapterLinear:
         adapter = BottleneckAdapter(model.config.d_model, cfg.adapter_dim, cfg.adapter_dropout, cfg.norm_position,
-                                    cfg.column_init_method, cfg.row_init_method, weight.device, trainable_dtype(weight.dtype))
+                                    cfg.column_init_method, cfg.row_init_method, weight.device,
+                                    trainable_dtype(weight.dtype))
         return AdapterLinear(layer, adapter)
     layers = select_layers(len(model.blocks), cfg.layer_selection, cfg.section)
     return wrap_targets(model, layers, ("attention_dense", "mlp_fc2"), make)

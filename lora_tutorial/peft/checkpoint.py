@@ -81,7 +81,12 @@ def base_fingerprint(model: GPT, configs: list[PEFTConfig] | None = None) -> dic
     configs = model.peft_configs if configs is None else configs
     tensors = [model.wte.weight[:16], model.norm_f.weight, last.norm_1.weight]
     if not _last_qkv_is_residual(configs, len(model.blocks)):
-        tensors.append(unwrap(last.attention.attention_qkv).weight)
+        qkv = unwrap(last.attention.attention_qkv)
+        if not isinstance(getattr(qkv, "weight", None), torch.Tensor):
+            raise AdapterCheckpointError(
+                f"cannot fingerprint the base: its last attention_qkv is a {type(qkv).__name__} without a "
+                "weight tensor (int8 inference quantization); save or load adapters before quantize_int8")
+        tensors.append(qkv.weight)
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import (LORA_TARGETS, TARGET_SHORTCUTS, AdapterTuning, ConfigError, IA3Tuning, LoraTuning, PTuning,
-                      merge_checked, scheme_parts, validate)
+from ..config import (LORA_TARGETS, SCHEME_EXPECTED, TARGET_SHORTCUTS, AdapterTuning, ConfigError, IA3Tuning,
+                      LoraTuning, PTuning, merge_checked, scheme_parts, valid_scheme, validate)
 
 # Where each target linear layer lives inside ``model.blocks[i]``: blocks[i].<parent>.<target>.
 TARGET_PARENTS = {"attention_qkv": "attention", "attention_dense": "attention", "mlp_fc1": "mlp", "mlp_fc2": "mlp"}
@@ -136,12 +136,9 @@ def peft_configs_from_scheme(model_cfg: Any) -> list[PEFTConfig]:
     scheme = (model_cfg.get("peft") or {}).get("peft_scheme") if model_cfg is not None else None
     if scheme is None:
         return []
-    names = scheme_parts(scheme)
-    unknown = [n for n in names if n not in CONFIG_CLASSES]
-    if unknown or len(set(names)) != len(names):
-        raise ConfigError(f"model.peft.peft_scheme={scheme!r}: expected {', '.join(CONFIG_CLASSES)}, none, or a "
-                          "comma-separated combination without repeats")
-    return [CONFIG_CLASSES[name](model_cfg) for name in names]
+    if not valid_scheme(scheme):  # configs from load_config are checked already; hand-made ones are not
+        raise ConfigError(f"model.peft.peft_scheme={scheme!r}: expected {SCHEME_EXPECTED}")
+    return [CONFIG_CLASSES[name](model_cfg) for name in scheme_parts(scheme)]
 
 
 __all__ = ["PEFTConfig", "LoraPEFTConfig", "AdapterPEFTConfig", "IA3PEFTConfig", "PtuningPEFTConfig",

@@ -38,6 +38,10 @@ def export_hf_peft(model: GPT, directory: str | Path) -> Path:
     c = model.config
     if c.mlp != "swiglu" or c.position != "rope" or c.bias:
         raise ValueError("export_hf_peft supports Llama-style models (SwiGLU, RoPE, no biases) only")
+    if len(configs) > 1:
+        raise ValueError(f"export_hf_peft exports one LoRA; this model has {len(configs)} "
+                         f"({', '.join(c.adapter_name for c in configs)}): remove_adapters until one LoRA is left "
+                         "(after combine_lora, to export a mix)")
     (cfg,) = configs
     if cfg.use_dora or cfg.init_lora_weights != "default":
         variant = "DoRA" if cfg.use_dora else f"{cfg.init_lora_weights}-initialised LoRA"
@@ -53,6 +57,9 @@ def export_hf_peft(model: GPT, directory: str | Path) -> Path:
             layer = model.get_submodule(target_name(i, target))
             if not isinstance(layer, LoRALinear):
                 continue
+            if layer.merged:
+                raise ValueError(f"export_hf_peft: {target_name(i, target)} has its LoRA merged into the base "
+                                 "weight, which a PEFT loader would then add twice; call unmerge_lora first")
             if i not in layers:
                 layers.append(i)
             # A is shared by every part; B's rows are split (q | k | v, or gate | up).

@@ -79,8 +79,9 @@ def apply_ia3(model: GPT, cfg: IA3PEFTConfig) -> list[str]:
     """Wrap ``attention_qkv`` and ``mlp_fc2`` of the selected blocks with IA3 scaling vectors."""
     weight, c = model.wte.weight, model.config
     layers = select_layers(len(model.blocks), cfg.layer_selection, cfg.section)
-    return (wrap_targets(model, layers, ("attention_qkv",), lambda m: IA3QKV(m, c.qkv_sizes, weight.device, trainable_dtype(weight.dtype)))
-            + wrap_targets(model, layers, ("mlp_fc2",), lambda m: IA3FFN(m, c.d_ff, weight.device, trainable_dtype(weight.dtype))))
+    device, dtype = weight.device, trainable_dtype(weight.dtype)
+    return (wrap_targets(model, layers, ("attention_qkv",), lambda m: IA3QKV(m, c.qkv_sizes, device, dtype))
+            + wrap_targets(model, layers, ("mlp_fc2",), lambda m: IA3FFN(m, c.d_ff, device, dtype)))
 
 
 __all__ = ["IA3QKV", "IA3FFN", "apply_ia3"]

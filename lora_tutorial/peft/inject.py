@@ -21,7 +21,7 @@ from torch import nn
 
 from ..model import GPT
 from .adapter import apply_adapters
-from .config import PEFTConfig
+from .config import PEFTConfig, select_layers
 from .ia3 import apply_ia3
 from .lora import LoRALinear, apply_lora
 from .ptuning import apply_ptuning
@@ -104,7 +104,8 @@ def parameter_summary(model: GPT) -> ParameterSummary:
     adapters = adapter_parameters(model)
     added = sum(p.numel() for p in adapters.values())
     trainable = sum(p.numel() for p in adapters.values() if p.requires_grad)
-    methods = [c.scheme if c.adapter_name == "default" else f"{c.scheme} ({c.adapter_name})" for c in model.peft_configs]
+    methods = [c.scheme if c.adapter_name == "default" else f"{c.scheme} ({c.adapter_name})"
+               for c in model.peft_configs]
     return ParameterSummary(model.num_parameters() - added, trainable, added, methods)
 
 
@@ -132,13 +133,23 @@ def add_adapter(model: GPT, cfg_or_list: PEFTConfig | Sequence[PEFTConfig], verb
                          f"(the model already has: {', '.join(s for s, _ in existing) or 'nothing'})")
     if "ptuning" in schemes and any(s == "ptuning" for s, _ in existing):
         raise ValueError("add_adapter: the model has one virtual-prompt slot, already taken by p-tuning")
+    for cfg in configs:  # every layer selection checked before any surgery
+        if getattr(cfg, "layer_selection", None) is not None:
+            select_layers(len(model.blocks), cfg.layer_selection, cfg.section)
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     keep = set() if any(n != name for _, n in existing) else {id(p) for p in adapter_parameters(model).values()}
     for p in model.parameters():  # freeze the base (and other adapters); new PEFT modules are created trainable
         if id(p) not in keep:
             p.requires_grad_(False)
     before = {id(m) for m in peft_modules(model)}
-    for cfg in configs:
-        _APPLY[cfg.scheme](model, cfg)
+    try:
+        for cfg in configs:
+            _APPLY[cfg.scheme](model, cfg)
+    except Exception:  # all or nothing: take out what this call put in, unfreeze what it froze
+        _remove_new_modules(model, before)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+        raise
     for module in peft_modules(model):
         if id(module) not in before:
             module.adapter_name = name
@@ -147,6 +158,18 @@ def add_adapter(model: GPT, cfg_or_list: PEFTConfig | Sequence[PEFTConfig], verb
     if verbose:
         print(summary)
     return summary
+
+
+def _remove_new_modules(model: GPT, before: set[int]) -> None:
+    """Undo a half-done ``add_adapter``: every PEFT module not in ``before`` (ids) goes, innermost last."""
+    while True:
+        new = [n for n, m in model.named_modules() if is_peft_module(m) and id(m) not in before and hasattr(m, "base")]
+        if not new:
+            break
+        target = min(new, key=len)
+        replace_module(model, target, model.get_submodule(target).base)
+    if model.virtual_prompt is not None and id(model.virtual_prompt) not in before:
+        model.virtual_prompt = None
 
 
 def remove_adapters(model: GPT, name: str | None = None) -> GPT:

@@ -35,7 +35,8 @@ Why these choices:
 * **Merging**: after training, ``W + (alpha/r) B A`` is an ordinary (out, in) matrix. ``merge()`` folds it into
   the base weight so inference costs exactly what the base costs; ``unmerge()`` subtracts it again.
 
-Two variants, both as in HF PEFT (and checked against it in ``tests/test_lora_variants.py``):
+Two variants, DoRA and data-driven initialisation (PiSSA, OLoRA), as in HF PEFT (and checked against it in
+``tests/test_lora_variants.py``):
 
 **DoRA** (Liu et al., 2024; ``use_dora: true``) splits the adapted weight into a *magnitude* and a
 *direction*, and learns the magnitude separately: one number per output row, ``m`` (``lora_magnitude``)::
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import GPT
-from ..precision import trainable_dtype
+from ..precision import matmul_dtype, trainable_dtype
 from .config import LoraPEFTConfig, select_layers
 from .lora_init import DATA_DRIVEN_INITS, initial_factors, residual_weight
 from .wrapping import is_peft_module, replace_module, unwrap, wrap_targets
@@ -220,10 +221,9 @@ class LoRALinear(nn.Module):
         """``_factors`` without gradients, computed once and kept while the tensors do not change: already
         cast to the dtype the matmuls run in (bf16 under autocast). Generating a token then costs two thin
         matmuls per layer instead of two casts, a scaling and (DoRA) a full-size norm as well."""
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.dtype
+        dtype = matmul_dtype(x.device.type, self.lora_A.dtype)
         params = (self.lora_A, self.lora_B) + ((self.lora_magnitude,) if self.use_dora else ())
-        key = (dtype, *((id(p), p._version) for p in params), self._base_weight_key())
+        key = (dtype, x.device, *((id(p), p._version) for p in params), self._base_weight_key())
         if getattr(self, "_cache_key", None) != key:
             a, b, g = self._factors()
             self._cached = (a.to(dtype), b.to(dtype), g)
@@ -275,7 +275,10 @@ class LoRALinear(nn.Module):
         stored = self._base_weight().float()
         if self.merged:
             stored = self.weight_before_merge.float() if self.use_dora else stored - self.delta_weight()
-        original = stored if self.lora_A0 is None else stored + self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
+        if self.lora_A0 is None:
+            original = stored
+        else:
+            original = stored + self.scaling * (self.lora_B0.float() @ self.lora_A0.float())
         adapted = stored + self.delta_weight()
         if self.use_dora:
             adapted = (self.lora_magnitude.float() / torch.linalg.vector_norm(adapted, dim=1))[:, None] * adapted
@@ -347,8 +350,11 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Merge every LoRA layer of ``model`` into its base weight; return how many were merged."""
-    layers = lora_modules(model)
+    """Merge every enabled LoRA layer of ``model`` into its base weight; return how many were merged.
+
+    A switched-off layer (``set_adapter`` chose another adapter) is left unmerged: merging it would
+    switch it back on, since a merged layer's update lives in the base weight."""
+    layers = [layer for layer in lora_modules(model) if layer.adapter_enabled]
     for layer in layers:
         layer.merge()
     return len(layers)
@@ -368,10 +374,12 @@ def merged_for_inference(model: nn.Module) -> Iterator[int]:
     base weights are exactly what they were (the originals are kept aside, not recomputed by subtraction).
 
     Generating an answer token by token is dominated by per-matmul overhead, and an unmerged LoRA doubles
-    the matmuls of every adapted layer. The merged weight is ``W + s·B A`` (DoRA: rescaled by its row
-    factor) rounded once to the weight's dtype; in bf16 that rounding is the same size as the rounding
-    the bf16 base weights already have. Layers that cannot merge (a quantized base, nested adapters, a
-    disabled adapter) are left as they are. Yields how many layers were merged.
+    the matmuls of every adapted layer. Why swap ``.data`` instead of ``merge()`` / ``unmerge()``: in bf16,
+    subtracting the update again would not give back the original weight bit for bit; keeping it does.
+    The merged weight is ``W + s·B A`` (DoRA: rescaled by its row factor) rounded once to the weight's
+    dtype; in bf16 that rounding is the same size as the rounding the bf16 base weights already have.
+    Layers that cannot merge (a quantized base, nested adapters, a disabled adapter) are left as they
+    are. Yields how many layers were merged.
     """
     swapped = []
     for layer in lora_modules(model):
@@ -385,6 +393,8 @@ def merged_for_inference(model: nn.Module) -> Iterator[int]:
                 adapted *= (layer.lora_magnitude.float() / torch.linalg.vector_norm(adapted, dim=1))[:, None]
             weight.data = adapted.to(original.dtype)
         layer.merged = True
+        if layer.use_dora:  # what DoRA's unmerge() restores, should anything call it inside the block
+            layer.weight_before_merge = original
         swapped.append((layer, weight, original))
     try:
         yield len(swapped)
@@ -392,20 +402,26 @@ def merged_for_inference(model: nn.Module) -> Iterator[int]:
         for layer, weight, original in swapped:
             weight.data = original
             layer.merged = False
+            layer.weight_before_merge = None
 
 
 def merge_and_unload(model: GPT) -> GPT:
-    """Merge every LoRA layer and put the plain ``nn.Linear`` back in its place (no LoRA code left).
+    """Merge every enabled LoRA layer and put the plain ``nn.Linear`` back in its place (no LoRA code left).
 
     The result is an ordinary model with the fine-tuned weights: it can be saved and shared like a base
-    model. Other PEFT methods (adapters, IA3, p-tuning) stay as they are.
+    model. Other PEFT methods (adapters, IA3, p-tuning) stay as they are, and so do LoRA adapters that
+    are switched off (``set_adapter`` chose another one): they are not part of the fine-tuned model.
     """
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+    unloaded = set()
+    for name, module in reversed(list(model.named_modules())):  # innermost first: nested adapters' paths hold
+        if isinstance(module, LoRALinear) and module.adapter_enabled:
             module.merge()
             module.weight_before_merge = None  # DoRA's copy of W: no unmerge after this
             replace_module(model, name, module.base)
-    model.peft_configs = [c for c in model.peft_configs if c.scheme != "lora"]
+            unloaded.add(getattr(module, "adapter_name", "default"))
+    still_there = {getattr(m, "adapter_name", "default") for m in lora_modules(model)}
+    model.peft_configs = [c for c in model.peft_configs
+                          if not (c.scheme == "lora" and c.adapter_name in unloaded - still_there)]
     return model
 
 

@@ -42,12 +42,17 @@ def active_adapters(model: GPT) -> list[str]:
 
 
 def set_adapter(model: GPT, name: str) -> None:
-    """Switch on the adapter ``name`` and switch off every other one."""
+    """Switch on the adapter ``name`` and switch off every other one (unmerging a merged LoRA first:
+    its update is in the base weight, where switching it off could not reach it)."""
     if name not in adapter_names(model):
-        raise ValueError(f"set_adapter: no adapter named {name!r}; the model has {', '.join(adapter_names(model)) or 'none'}")
+        raise ValueError(f"set_adapter: no adapter named {name!r}; the model has "
+                         f"{', '.join(adapter_names(model)) or 'none'}")
     for module in peft_modules(model):
         if hasattr(module, "adapter_enabled"):
-            module.adapter_enabled = adapter_name_of(module) == name
+            enabled = adapter_name_of(module) == name
+            if not enabled and isinstance(module, LoRALinear):
+                module.unmerge()
+            module.adapter_enabled = enabled
 
 
 def combine_lora(model: GPT, weights: dict[str, float], name: str) -> LoraPEFTConfig:

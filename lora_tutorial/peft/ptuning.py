@@ -60,7 +60,10 @@ class PromptEncoder(nn.Module):
     def freeze(self) -> "FrozenPrompt":
         """The encoder's current output as a fixed table (for inference: no MLP to run)."""
         with torch.no_grad():
-            return FrozenPrompt(self.prompt())
+            frozen = FrozenPrompt(self.prompt())
+        if hasattr(self, "adapter_name"):  # a named adapter stays named (peft/multi.py)
+            frozen.adapter_name = self.adapter_name
+        return frozen
 
 
 class FrozenPrompt(nn.Module):
