@@ -6,9 +6,9 @@
 Each run is ``python -m lora_tutorial train`` with the overrides below (no validation during training),
 then greedy answers to the 500 validation questions (``data/SQuAD/splits/validation.jsonl``: held-out
 *training* articles). The test split is never touched here: the README's test scores come from the one
-setting chosen on these numbers. Results are appended to ``bench/recipe_sweep.jsonl`` (git-ignored) as
-they finish, so the sweep can be stopped and resumed. Run it on a quiet machine: the times are part of
-the choice.
+setting chosen on these numbers. Results are appended to ``bench/recipe_sweep.jsonl`` as they finish,
+so the sweep can be stopped and resumed; the committed file is the record behind the README's table.
+Run it on a quiet machine: the times are part of the choice.
 """
 
 from __future__ import annotations
@@ -41,6 +41,20 @@ GRID: dict[str, list[str]] = {
     "lr5e-4_qkv": ["model.optim.lr=5e-4", "model.peft.lora_tuning.target_modules=[attention_qkv]"],
     "lr5e-4_r8": ["model.optim.lr=5e-4", "model.peft.lora_tuning.adapter_dim=8", "model.peft.lora_tuning.alpha=8"],
     "lr5e-4_b16": ["model.optim.lr=5e-4", "model.global_batch_size=16", "trainer.max_steps=32"],
+    # the prompts in the instruct model's own chat template, the answer as its reply
+    "lr5e-4_chat": ["model.optim.lr=5e-4", "model.data.train_ds.chat_template=true",
+                    "model.data.validation_ds.chat_template=true",
+                    "model.data.train_ds.prompt_template='{input}{output}'",
+                    "model.data.validation_ds.prompt_template='{input}{output}'"],
+    # notebooks 06 and 07: each method's learning rate, at their budget (16 steps x 8, the top 15 layers)
+    **{f"method_{scheme.replace(',', '+')}_lr{lr}": [
+        f"model.peft.peft_scheme={scheme}", f"model.optim.lr={lr}", "trainer.max_steps=16",
+        *[f"model.peft.{section}.layer_selection=[15,16,17,18,19,20,21,22,23,24,25,26,27,28,29]"
+          for section in ("lora_tuning", "adapter_tuning", "ia3_tuning")]]
+       for scheme, lrs in (("lora", ("5e-4", "1e-3", "2e-3", "4e-3")), ("adapter", ("1e-3", "3e-3", "1e-2")),
+                           ("ia3", ("3e-3", "1e-2", "3e-2", "1e-1")), ("ptuning", ("1e-3", "1e-2", "3e-2")),
+                           ("lora,ptuning", ("2e-3",)))
+       for lr in lrs},
     # how many questions
     "lr5e-4_256q": ["model.optim.lr=5e-4", "trainer.max_steps=32"],
     "lr5e-4_1024q": ["model.optim.lr=5e-4", "trainer.max_steps=128"],
@@ -54,7 +68,8 @@ def run_one(name: str, overrides: list[str]) -> dict:
     from lora_tutorial.evaluation import answer_dataset
     from lora_tutorial.training import train
 
-    cfg = load_config(REPO / "conf/peft_tuning.yaml", BASE + overrides + [f"exp_manager.explicit_log_dir=/tmp/recipe_sweep/{name}"])
+    log_dir = f"exp_manager.explicit_log_dir=/tmp/recipe_sweep/{name}"
+    cfg = load_config(REPO / "conf/peft_tuning.yaml", BASE + overrides + [log_dir])
     result = train(cfg)
     examples = cfg.trainer.max_steps * cfg.model.global_batch_size
     validation = cfg.model.data.validation_ds.copy()
@@ -76,7 +91,8 @@ def done() -> dict[str, dict]:
 
 
 def table() -> str:
-    lines = ["| run | examples | train s | validation EM [95 % CI] | validation F1 [95 % CI] |", "|---|---:|---:|---|---|"]
+    lines = ["| run | examples | train s | validation EM [95 % CI] | validation F1 [95 % CI] |",
+             "|---|---:|---:|---|---|"]
     for r in done().values():
         lines.append(f"| {r['name']} | {r['examples']} | {r['train_seconds']:.0f} | {r['em']:.1f} "
                      f"[{r['em_interval'][0]:.1f}, {r['em_interval'][1]:.1f}] | {r['f1']:.1f} "
@@ -99,9 +115,12 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         return
+    unknown = [name for name in args.only or () if name not in GRID]
+    if unknown:
+        parser.error(f"--only: unknown grid entries {', '.join(unknown)}; known: {', '.join(GRID)}")
     finished = done()
-    for name in GRID:
-        if name in finished or (args.only and name not in args.only):
+    for name in args.only or GRID:  # in the order given
+        if name in finished:
             continue
         print(f"== {name}", flush=True)
         subprocess.run([sys.executable, __file__, "--run", name], check=True)  # a fresh process per run

@@ -63,7 +63,8 @@ def machine() -> str:
     except OSError:
         pass
     flags = [f for f in ("avx512_bf16", "amx_bf16") if f in Path("/proc/cpuinfo").read_text()]
-    return f"{cpu} ({', '.join(flags) or 'no native bf16'}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{cpu} ({', '.join(flags) or 'no native bf16'}), {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 VARIANTS = (("ours", "int8"), ("ours", "bf16"), ("ours", "32"), ("hf", "32"), ("hf", "bf16"))
@@ -158,18 +159,21 @@ def table(results: dict) -> str:
                         ("decode_b1", "greedy decoding, batch 1 (tokens/s)"),
                         ("decode_b16", "greedy decoding, batch 16 (tokens/s)")):
         rows.append((label, *(cell(kind, n) for n in names)))
-    rows.append(("LoRA training, micro batch 1: peak RSS (MB)", *(cell("train_micro1", n, "peak_rss_mb", "{:.0f}") for n in names)))
-    rows.append(("greedy decoding, batch 1: peak RSS (MB)", *(cell("decode_b1", n, "peak_rss_mb", "{:.0f}") for n in names)))
+    for label, key in (("LoRA training, micro batch 1: peak RSS (MB)", "train_micro1"),
+                       ("greedy decoding, batch 1: peak RSS (MB)", "decode_b1")):
+        rows.append((label, *(cell(key, n, "peak_rss_mb", "{:.0f}") for n in names)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lim, r, p = results["limits"], results["ratios"], results["loss_parity"]
     e = results["evaluate_100"]
     extra = [
-        f"Machine limits: fp32 GEMM {lim['fp32_gemm_gflops']:.0f} GFLOP/s, bf16 GEMM {lim['bf16_gemm_gflops']:.0f} GFLOP/s "
+        f"Machine limits: fp32 GEMM {lim['fp32_gemm_gflops']:.0f} GFLOP/s, "
+        f"bf16 GEMM {lim['bf16_gemm_gflops']:.0f} GFLOP/s "
         f"(this model's shapes), memory read {lim['read_gb_per_s']:.1f} GB/s",
         "Fractions of the limit: " + ", ".join(f"{k} {v:.2f}" for k, v in r["fraction_of_limit"].items()),
-        f"Evaluation, 100 test questions: ours {e['ours']['questions_per_s']:.2f} q/s (EM {e['ours']['exact_match']:.1f}), "
+        f"Evaluation, 100 test questions: ours {e['ours']['questions_per_s']:.2f} q/s "
+        f"(EM {e['ours']['exact_match']:.1f}), "
         f"HF generate fp32 {e['hf']['questions_per_s']:.2f} q/s (EM {e['hf']['exact_match']:.1f}): "
         f"x{r['evaluate_questions_per_s_ratio']:.2f}",
         f"Targets against HF + PEFT fp32: training (ours bf16-mixed) x{r['train_tokens_per_s_ratio']:.2f} at RSS "
@@ -177,7 +181,8 @@ def table(results: dict) -> str:
         f"batch 16 ({r['decode_batched_best_variant']}) vs HF batch 1 x{r['decode_batched_vs_hf_b1_ratio']:.2f}; "
         f"int8 vs bf16 at batch 16 x{r['decode_b16_int8_vs_bf16']:.2f}",
         "Same precision on both sides: " + ", ".join(f"{k} x{v:.2f}" for k, v in r["same_precision_ratios"].items()),
-        f"Loss parity, fp32, same A/B (max |ours - HF| over {p['batches']} real batches): {p['max_abs_loss_diff']:.2e}; "
+        f"Loss parity, fp32, same A/B (max |ours - HF| over {p['batches']} real batches): "
+        f"{p['max_abs_loss_diff']:.2e}; "
         f"bf16-mixed moves our loss by up to {p['bf16_max_abs_loss_diff']:.3f} (mean loss {p['mean_loss']:.2f})",
     ]
     if "evaluate_500_ours" in results:

@@ -49,7 +49,8 @@ def projection_parameters(config) -> int:
     """Numbers in the four projection matrices of every block: what a token multiplies through."""
     q, k, v = config.qkv_sizes
     ff = 2 * config.d_ff if config.mlp == "swiglu" else config.d_ff
-    return config.n_layer * config.d_model * (q + k + v + config.n_head * config.head_dim + ff) + config.n_layer * config.d_ff * config.d_model
+    per_layer = config.d_model * (q + k + v + config.n_head * config.head_dim + ff) + config.d_ff * config.d_model
+    return config.n_layer * per_layer
 
 
 def weight_bytes(model) -> int:
@@ -121,7 +122,8 @@ def cmd_limits(args) -> dict:
     rows = 4 * 230
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        pairs = [(torch.randn(rows, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)) for d_out, d_in in shapes]
+        pairs = [(torch.randn(rows, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype))
+                 for d_out, d_in in shapes]
         flops = sum(2 * rows * w.shape[0] * w.shape[1] for _, w in pairs)
         best = float("inf")
         for _ in range(5):
@@ -211,7 +213,8 @@ def cmd_decode(args) -> dict:
         started = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - started)
-    return {"impl": args.impl, "precision": args.precision, "batch": args.batch, "prompt_tokens": len(ids), "new_tokens": args.tokens,
+    return {"impl": args.impl, "precision": args.precision, "batch": args.batch, "prompt_tokens": len(ids),
+            "new_tokens": args.tokens,
             "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "weight_bytes": read,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -231,7 +234,8 @@ def cmd_lossparity(args) -> dict:
             lora = block.attention.attention_qkv
             lora.lora_B.normal_(0, 0.02)  # non-zero, so the adapters matter
             attn = hf.base_model.model.model.layers[i].self_attn
-            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+            parts = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
+            for name, rows in parts:
                 getattr(attn, name).lora_A["default"].weight.copy_(lora.lora_A)
                 getattr(attn, name).lora_B["default"].weight.copy_(lora.lora_B[rows])
     diffs, bf16_diffs = [], []
@@ -251,8 +255,10 @@ def cmd_evaluate(args) -> dict:
     """Zero-shot EM/F1 of the base model (chat template) on the first ``n`` test questions, timed.
 
     ours: as the notebooks evaluate (``evaluation.answer_dataset``: bf16 weights where the CPU multiplies
-    bf16 natively, batches of 16 prompts of similar length); hf: transformers ``generate`` in float32 on
-    the same prompt ids, also in batches of 16 in the same order, left-padded, stopping at the same tokens.
+    bf16 natively, batches of 16 prompts of similar length); hf: transformers ``generate`` on the same
+    prompt ids in the same dtype, also in batches of 16 in the same order, left-padded. Ours stops a row
+    at a newline once it has text; ``generate`` has no such rule, so it gets EOS *and* every newline token
+    as stop ids -- the same or fewer generated tokens than ours, never more (HF is not slowed down by it).
     """
     from lora_tutorial.config import load_config
     from lora_tutorial.evaluation import answer_dataset
@@ -273,12 +279,13 @@ def cmd_evaluate(args) -> dict:
         result = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
         scores, seconds = result.scores, result.seconds
     else:
-        hf = hf_base("32").eval()
+        hf = hf_base("bf16" if cpu_has_native_bf16() else "32").eval()
         dataset = model.build_dataset(cfg.model.data.test_ds)
         order = dataset.indices_by_length()
         items = [dataset[i] for i in order]
         prompts = model.prompt_ids({"prompts": [item["prompt"] for item in items]}, use_chat_template=True)
-        stops = stop_token_ids(model.tokenizer)
+        newlines, _ = model.newline_and_blank_ids()
+        stops = sorted(set(stop_token_ids(model.tokenizer)) | set(newlines))
         answers = []
         started = time.perf_counter()
         for b in range(0, len(prompts), 16):
