@@ -78,9 +78,10 @@ class SFTModel(pl.LightningModule):
         """Freeze the base and insert the PEFT modules (``lora_tutorial.peft.add_adapter``); returns the summary."""
         return add_adapter(self.model, peft_cfgs)
 
-    def load_adapters(self, path: str) -> list[PEFTConfig]:
-        """Load an adapter file written by training (the PEFT configs are stored in it)."""
-        return load_adapters(self.model, path)
+    def load_adapters(self, path: str, name: str = "default") -> list[PEFTConfig]:
+        """Load an adapter file written by training (the PEFT configs are stored in it) as the adapter
+        ``name``; load several under different names and switch with ``peft.set_adapter``."""
+        return load_adapters(self.model, path, name=name)
 
     def set_inference_config(self, inference_cfg: dict | DictConfig) -> None:
         """Update the decoding options (``greedy``, ``tokens_to_generate``...) used by ``predict_step``."""

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from lora_tutorial.config import load_config
 from lora_tutorial.evaluation import Evaluation, answer_dataset, compare_base_and_tuned, evaluate, write_predictions
 from lora_tutorial.metrics import score_predictions
-from lora_tutorial.peft import LoraPEFTConfig, disable_adapters, save_adapters
+from lora_tutorial.peft import LoraPEFTConfig, adapter_names, disable_adapters, save_adapters
 from lora_tutorial.quantize import Int8Linear
 from lora_tutorial.sft_data import SFTCollator
 from lora_tutorial.sft_model import SFTModel
@@ -154,6 +154,15 @@ def test_sft_model_load_adapters_and_inference_config(test_cfg, tmp_path):
     assert all(len(fresh.tokenizer.encode(a)) <= 1 for a in fresh.generate_answers(batch))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['batch_size'\]"):
         fresh.set_inference_config({"batch_size": 4})
+
+
+def test_sft_model_loads_adapters_under_names(test_cfg, tmp_path):
+    trained = tuned_sft(test_cfg)
+    path = save_adapters(trained.model, tmp_path / "a.safetensors")
+    fresh = tiny_sft_model(test_cfg)
+    fresh.load_adapters(str(path), name="first")
+    fresh.load_adapters(str(path), name="second")
+    assert adapter_names(fresh.model) == ["first", "second"]
 
 
 def test_write_predictions_is_one_line_per_question(tmp_path):
