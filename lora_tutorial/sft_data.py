@@ -304,16 +304,31 @@ class SFTDataset(Dataset):
         return f"{self.file_names[f]}:{self.examples[f][row][0]}"
 
     def _count_truncated(self) -> int:
-        """How many distinct examples (file lines) must be truncated; raises for those that cannot fit."""
+        """How many distinct examples (file lines) must be truncated; raises for those that cannot fit.
+
+        Most examples are short enough in bytes to fit for certain. The others are tokenized here in one
+        batch (the Rust tokenizer's ``encode_batch`` counts 20,000 SQuAD examples in about a second, where
+        one ``encode`` call each took ten), and only those really too long go through ``_encode``."""
         specials = int(self.add_bos) + int(self.add_eos)
-        count = 0
+        candidates, pieces = [], []
         for f, row in sorted(set(self.index)):
             record = self.examples[f][row][1]
-            pieces = [*self._render_prompt(record), self.template.separator + record["output"]]
-            if sum(map(_token_upper_bound, pieces)) + specials <= self.max_seq_length:
-                continue  # certainly fits: no need to tokenize it now
-            count += self._encode(f, row).truncated
-        return count
+            parts = [*self._render_prompt(record), self.template.separator + record["output"]]
+            if sum(map(_token_upper_bound, parts)) + specials > self.max_seq_length:
+                candidates.append((f, row))  # may not fit: count its tokens
+                pieces.extend(parts)
+        if not candidates:
+            return 0
+        counts = [len(ids) for ids in self._encode_many(pieces)]
+        too_long = [where for i, where in enumerate(candidates)
+                     if sum(counts[4 * i:4 * i + 4]) + specials > self.max_seq_length]
+        return sum(self._encode(f, row).truncated for f, row in too_long)
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text (empty text: no ids), batched when the tokenizer can batch."""
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        ids = batch(texts) if batch is not None else [self.tokenizer.encode(t) if t else [] for t in texts]
+        return [i if t else [] for i, t in zip(ids, texts)]
 
     def _render_prompt(self, record: dict) -> tuple[str, str, str]:
         """The prompt as (prefix, truncatable body, suffix) text."""

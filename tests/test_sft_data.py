@@ -142,6 +142,34 @@ def test_squad_splitter_truncation_keeps_question_and_answer(tok, tmp_path):
             assert item["input_ids"] == before["input_ids"]
 
 
+class OneAtATime:
+    """The tiny tokenizer without ``encode_batch``: the dataset must fall back to ``encode``."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+@pytest.mark.parametrize("slack", [-3, 0, 1, 10, 40])
+def test_the_batched_truncation_count_equals_encoding_each_example(tok, tmp_path, slack):
+    records = [long_example(n, i) for i, n in enumerate((0, 3, 9, 27, 60, 61, 62, 120, 200))]
+    path = write_records(tmp_path / "a.jsonl", records)
+    lengths = [len(SFTDataset(path, tok, max_seq_length=100_000)[i]["input_ids"]) for i in range(len(records))]
+    max_len = sorted(lengths)[4] + slack  # some fit, some do not, one may fit exactly
+    expected = sum(n > max_len for n in lengths)
+    assert 0 < expected < len(records)
+    batched = SFTDataset(path, tok, max_seq_length=max_len, context_splitter=split_context)
+    one_by_one = SFTDataset(path, OneAtATime(tok), max_seq_length=max_len, context_splitter=split_context)
+    assert batched.num_truncated == one_by_one.num_truncated == expected
+    assert [item["truncated"] for item in batched] == [n > max_len for n in lengths]
+
+
 def test_the_default_splitter_cuts_the_end_of_the_whole_field(tok, tmp_path):
     record = long_example(200, 0)
     path = write_records(tmp_path / "a.jsonl", [record])
