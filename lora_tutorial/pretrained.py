@@ -233,19 +233,29 @@ def gguf_fields(reader) -> dict:
 
 def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.float32
                       ) -> tuple[GPTConfig, dict, Tokenizer, str]:
-    """Config, weights and tokenizer of a GGUF file, the weights from a safetensors cache when there is one.
+    """Config, weights and tokenizer of a GGUF file, from the cache when there is one.
 
-    The cache is kept per dtype (matrices in ``dtype``, norm gains float32), so that a bf16 load reads
-    270 MB from disk and never holds the 540 MB float32 copy: peak memory stays at what the model needs.
+    The weights are cached per dtype as safetensors (matrices in ``dtype``, norm gains float32), so that a
+    bf16 load reads 270 MB from disk and never holds the 540 MB float32 copy: peak memory stays at what the
+    model needs. The metadata (config fields, the 49,152-token vocabulary, tensor names) is cached as JSON:
+    ``gguf.GGUFReader`` takes 2-4 s to parse it, which every training and evaluation process would pay.
     """
-    reader = read_gguf(path)
-    fields = gguf_fields(reader)
-    config = gguf_config(path, fields, {t.name for t in reader.tensors})
-    tokenizer = tokenizer_from_gguf_fields(fields)
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = {dt: cache_dir() / f"{path.stem}-{key}-{str(dt).removeprefix('torch.')}.safetensors"
               for dt in (torch.float32, dtype)}
+    meta_file = cache_dir() / f"{path.stem}-{key}-meta.json"
+    if use_cache and cached[dtype].exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        fields, tensor_names = meta["fields"], set(meta["tensor_names"])
+        return (gguf_config(path, fields, tensor_names), load_file(str(cached[dtype])),
+                tokenizer_from_gguf_fields(fields), "cached")
+    reader = read_gguf(path)
+    fields = gguf_fields(reader)
+    config = gguf_config(path, fields, {t.name for t in reader.tensors})
+    tokenizer = tokenizer_from_gguf_fields(fields)
+    if use_cache:
+        _save_metadata(meta_file, fields, [t.name for t in reader.tensors])
     if use_cache and cached[dtype].exists():
         return config, load_file(str(cached[dtype])), tokenizer, "cached"
     if use_cache and cached[torch.float32].exists():
@@ -259,6 +269,16 @@ def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.fl
         if use_cache:
             _save_cache(state, cached[dtype])
     return config, state, tokenizer, source
+
+
+def _save_metadata(path: Path, fields: dict, tensor_names: list[str]) -> None:
+    """Write the metadata cache; a file whose fields JSON cannot hold (bytes, say) is simply not cached."""
+    try:
+        text = json.dumps({"fields": fields, "tensor_names": tensor_names})
+    except (TypeError, ValueError):
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _save_cache(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lora_tutorial import CheckpointError, load_base_model
+from lora_tutorial import CheckpointError, load_base_model, pretrained
 from lora_tutorial.pretrained import (GGUF, HF, LLAMA_NAMES, build_model, cache_dir, llama_names, llama_state_dict,
-                                      unpermute_rope_rows)
+                                      read_gguf, unpermute_rope_rows)
 
 from helpers import (logits, random_ids, save_hf_gpt2, save_hf_llama, tiny_llama_config, tiny_model,
                      tiny_tokenizer, write_tiny_tokenizer)
@@ -170,6 +170,13 @@ def test_a_gguf_written_like_llama_cpp_gives_hf_logits_and_is_cached(tmp_path, m
     assert again.state_dict().keys() == ours.state_dict().keys()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+    # the metadata (config, vocabulary) is cached too: a second load never parses the GGUF again
+    assert len(list((tmp_path / "cache").glob("*-meta.json"))) == 1
+    monkeypatch.setattr(pretrained, "read_gguf", lambda p: pytest.fail("the GGUF was parsed again"))
+    third, tokenizer3 = load_base_model(path, use_cache=True)
+    assert third.config == ours.config
+    assert tokenizer3.encode("The cat sat.") == tokenizer.encode("The cat sat.")
+    monkeypatch.setattr(pretrained, "read_gguf", read_gguf)
     cached[0].unlink()
     load_base_model(path)  # by default a file that is not a known model name is not cached
     assert not list((tmp_path / "cache").glob("*.safetensors"))
