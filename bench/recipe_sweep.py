@@ -93,7 +93,9 @@ def done() -> dict[str, dict]:
 def table() -> str:
     lines = ["| run | examples | train s | validation EM [95 % CI] | validation F1 [95 % CI] |",
              "|---|---:|---:|---|---|"]
-    for r in done().values():
+    results = done()
+    order = [name for name in GRID if name in results]  # the grid's order: recipe runs, then each method's
+    for r in (results[name] for name in order):
         lines.append(f"| {r['name']} | {r['examples']} | {r['train_seconds']:.0f} | {r['em']:.1f} "
                      f"[{r['em_interval'][0]:.1f}, {r['em_interval'][1]:.1f}] | {r['f1']:.1f} "
                      f"[{r['f1_interval'][0]:.1f}, {r['f1_interval'][1]:.1f}] |")

@@ -10,8 +10,8 @@ bf16) for LoRA training at micro batch 1 and 4, greedy decoding at batch 1 and 1
 evaluation itself (questions per second on the same test questions: ours as the notebooks run it,
 against HF ``generate``). Every measurement runs in its own process (``bench/workers.py``) so peak RSS is
 per variant; rounds alternate the order so that a slow moment of the machine does not favour one side,
-and the best round counts. Prints a table and writes ``bench/results.json`` (git-ignored) with the raw
-figures, the ratios and every figure as a fraction of its limit.
+and the best round counts. Prints a table and writes ``bench/results.json`` with the raw figures, the
+ratios and every figure as a fraction of its limit (the committed file is the run the README quotes).
 """
 
 from __future__ import annotations
