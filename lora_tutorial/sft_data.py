@@ -306,23 +306,27 @@ class SFTDataset(Dataset):
     def _count_truncated(self) -> int:
         """How many distinct examples (file lines) must be truncated; raises for those that cannot fit.
 
-        Most examples are short enough in bytes to fit for certain. The others are tokenized here in one
-        batch (the Rust tokenizer's ``encode_batch`` counts 20,000 SQuAD examples in about a second, where
-        one ``encode`` call each took ten), and only those really too long go through ``_encode``."""
+        Most examples are short enough in bytes to fit for certain. The others are tokenized here, a
+        chunk at a time (the Rust tokenizer's ``encode_batch`` counts 20,000 SQuAD examples in a few
+        seconds, where one ``encode`` call each took ten; chunks keep its large output small), and only
+        those really too long go through ``_encode``."""
         specials = int(self.add_bos) + int(self.add_eos)
-        candidates, pieces = [], []
+        candidates = []
         for f, row in sorted(set(self.index)):
-            record = self.examples[f][row][1]
-            parts = [*self._render_prompt(record), self.template.separator + record["output"]]
-            if sum(map(_token_upper_bound, parts)) + specials > self.max_seq_length:
+            if sum(map(_token_upper_bound, self._pieces(f, row))) + specials > self.max_seq_length:
                 candidates.append((f, row))  # may not fit: count its tokens
-                pieces.extend(parts)
-        if not candidates:
-            return 0
-        counts = [len(ids) for ids in self._encode_many(pieces)]
-        too_long = [where for i, where in enumerate(candidates)
-                     if sum(counts[4 * i:4 * i + 4]) + specials > self.max_seq_length]
+        too_long = []
+        for start in range(0, len(candidates), 128):
+            chunk = candidates[start:start + 128]
+            counts = [len(ids) for ids in self._encode_many([p for where in chunk for p in self._pieces(*where)])]
+            too_long += [where for i, where in enumerate(chunk)
+                         if sum(counts[4 * i:4 * i + 4]) + specials > self.max_seq_length]
         return sum(self._encode(f, row).truncated for f, row in too_long)
+
+    def _pieces(self, f: int, row: int) -> list[str]:
+        """The four texts ``_encode`` tokenizes: prompt prefix, truncatable body, suffix, answer."""
+        record = self.examples[f][row][1]
+        return [*self._render_prompt(record), self.template.separator + record["output"]]
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text (empty text: no ids), batched when the tokenizer can batch."""
