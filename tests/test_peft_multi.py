@@ -79,15 +79,41 @@ def test_combine_lora_is_the_weighted_sum_of_the_updates_and_round_trips(tmp_pat
     assert torch.equal(logits(fresh, ids), mixed)
 
 
-def test_combine_lora_refuses_dora_and_unlike_layers(tmp_path):
-    _, plain = trained_lora(tmp_path, seed=1)
-    _, dora = trained_lora(tmp_path, seed=2, use_dora=True)
-    _, other_layers = trained_lora(tmp_path, seed=3, targets=("attention_dense",))
+def test_combine_lora_mixes_adapters_of_different_layers_with_zero_where_one_is_absent(tmp_path):
+    _, everywhere = trained_lora(tmp_path, seed=1, targets=("attention_qkv", "mlp_fc2"))
+    _, top_only = trained_lora(tmp_path, seed=2, rank=2, targets=("mlp_fc2",), layer_selection=[1])
     model = tiny_model()
-    load_adapters(model, plain, name="plain")
-    load_adapters(model, other_layers, name="other")
-    with pytest.raises(ValueError, match="do not adapt the same layers"):
-        combine_lora(model, {"plain": 1.0, "other": 1.0}, name="mix")
+    load_adapters(model, everywhere, name="everywhere")
+    load_adapters(model, top_only, name="top")
+    config = combine_lora(model, {"everywhere": 0.5, "top": 2.0}, name="mix")
+    assert (config.adapter_dim, config.target_modules, config.layer_selection) == (6, ["attention_qkv", "mlp_fc2"], None)
+    deltas = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            target = ".".join(p for p in path.split(".") if p != "base")
+            deltas.setdefault(target, {})[adapter_name_of(m)] = m.delta_weight()
+    assert len(deltas) == 4  # two modules x two blocks
+    for target, d in deltas.items():
+        expected = 0.5 * d["everywhere"] + (2.0 * d["top"] if "top" in d else 0)
+        assert ("top" in d) == (target == "blocks.1.mlp.mlp_fc2")
+        torch.testing.assert_close(d["mix"], expected, atol=1e-6, rtol=1e-5)
+    ids = random_ids(2, 9)
+    mixed = logits(model, ids)
+    fresh = tiny_model()
+    load_adapters(fresh, save_adapters(model, tmp_path / "mix.safetensors", name="mix"))
+    assert torch.equal(logits(fresh, ids), mixed)
+
+
+def test_combine_lora_refuses_dora_and_layers_that_no_adapter_covers(tmp_path):
+    _, qkv_first = trained_lora(tmp_path, seed=1, targets=("attention_qkv",), layer_selection=[0])
+    _, dense_second = trained_lora(tmp_path, seed=3, targets=("attention_dense",), layer_selection=[1])
+    _, dora = trained_lora(tmp_path, seed=2, use_dora=True)
+    model = tiny_model()
+    load_adapters(model, qkv_first, name="qkv0")
+    load_adapters(model, dense_second, name="dense1")
+    with pytest.raises(ValueError, match=r"blocks\.(0\.attention\.attention_dense|1\.attention\.attention_qkv) is adapted by none"):
+        combine_lora(model, {"qkv0": 1.0, "dense1": 1.0}, name="mix")
+    assert adapter_names(model) == ["qkv0", "dense1"]  # nothing was added
     with pytest.raises(ValueError, match="cannot share a layer"):
         load_adapters(model, dora, name="dora")
 

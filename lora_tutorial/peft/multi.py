@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..model import GPT
-from .config import LoraPEFTConfig
+from .config import TARGET_PARENTS, LoraPEFTConfig
 from .inject import adapter_name_of, peft_modules
 from .lora import LoRALinear
 from .wrapping import replace_module
@@ -58,16 +58,24 @@ def set_adapter(model: GPT, name: str) -> None:
 def combine_lora(model: GPT, weights: dict[str, float], name: str) -> LoraPEFTConfig:
     """Add the adapter ``name`` = Σ weights[n] · ΔW of the LoRA adapters named in ``weights``, and switch to it.
 
-    The adapters must adapt the same layers with plain LoRA (no DoRA, no PiSSA / OLoRA residual).
-    Returns the new adapter's config (rank = the sum of the ranks, alpha = rank, so its scale is 1).
+    The adapters must be plain LoRA (no DoRA, no PiSSA / OLoRA residual). They may adapt different layers,
+    as long as together they cover some modules in some blocks completely (every chosen module of every
+    chosen block): where one of them is absent its ΔW is zero, written as zero rows of A and zero columns
+    of B. Returns the new adapter's config (rank = the sum of the ranks, alpha = rank, so its scale is 1;
+    the modules and blocks are the union of theirs), so that the mix saves and loads like any adapter.
     """
     if name in adapter_names(model):
         raise ValueError(f"combine_lora: the model already has an adapter named {name!r}")
     layers = _lora_layers_by_target(model, list(weights))
-    ranks = []
-    for target, parts in layers.items():
-        a = torch.cat([parts[n].lora_A.detach() for n in weights])
-        b = torch.cat([weights[n] * parts[n].scaling * parts[n].lora_B.detach() for n in weights], dim=1)
+    ranks = {n: next(c.adapter_dim for c in model.peft_configs if c.adapter_name == n and c.scheme == "lora")
+             for n in weights}
+    for parts in layers.values():
+        some = next(iter(parts.values()))
+        d_out, d_in = some.lora_B.shape[0], some.lora_A.shape[1]
+        a = torch.cat([parts[n].lora_A.detach() if n in parts else some.lora_A.new_zeros(ranks[n], d_in)
+                       for n in weights])
+        b = torch.cat([weights[n] * parts[n].scaling * parts[n].lora_B.detach() if n in parts
+                       else some.lora_B.new_zeros(d_out, ranks[n]) for n in weights], dim=1)
         outer = max(parts.values(), key=lambda m: _depth(model, m))  # wrap the outermost of them
         combined = LoRALinear(outer, a.shape[0], float(a.shape[0]))
         with torch.no_grad():
@@ -76,9 +84,13 @@ def combine_lora(model: GPT, weights: dict[str, float], name: str) -> LoraPEFTCo
         combined.adapter_name = name
         combined.requires_grad_(False)
         replace_module(model, _path_of(model, outer), combined)
-        ranks.append(a.shape[0])
+    modules = {target.rsplit(".", 1)[1] for target in layers}
+    blocks = sorted({_block_of(target) for target in layers})
     first = next(c for c in model.peft_configs if c.adapter_name == next(iter(weights)) and c.scheme == "lora")
-    config = LoraPEFTConfig(None, **{**first.to_dict(), "adapter_dim": ranks[0], "alpha": float(ranks[0]),
+    rank = sum(ranks.values())
+    config = LoraPEFTConfig(None, **{**first.to_dict(), "adapter_dim": rank, "alpha": float(rank),
+                                     "target_modules": [m for m in TARGET_PARENTS if m in modules],
+                                     "layer_selection": None if len(blocks) == model.config.n_layer else blocks,
                                      "column_init_method": "xavier", "row_init_method": "zero", "rslora": False})
     config.adapter_name = name
     model.peft_configs = [*model.peft_configs, config]
@@ -96,11 +108,29 @@ def _lora_layers_by_target(model: GPT, names: list[str]) -> dict[str, dict[str, 
                                  f"{path}; only plain LoRA updates add up to a LoRA")
             target = ".".join(p for p in path.split(".") if p != "base")
             by_target.setdefault(target, {})[adapter_name_of(module)] = module
-    missing = {t: sorted(set(names) - set(parts)) for t, parts in by_target.items() if set(parts) != set(names)}
-    if not by_target or missing:
-        raise ValueError(f"combine_lora: adapters {names} do not adapt the same layers "
-                         f"(e.g. {next(iter(missing.items())) if missing else 'none at all'})")
+    if not by_target:
+        raise ValueError(f"combine_lora: no LoRA layers of the adapters {names}")
+    missing = _uncovered(model, by_target)
+    if missing:
+        raise ValueError(f"combine_lora: adapters {names} together adapt some modules in some blocks but not "
+                         f"all of them in all of those blocks ({missing[0]} is adapted by none); a mix must "
+                         "cover every chosen module of every chosen block")
     return by_target
+
+
+def _block_of(target: str) -> int:
+    """The block index of a layer path such as ``blocks.3.attention.attention_qkv``."""
+    return int(target.split(".")[1])
+
+
+def _uncovered(model: GPT, by_target: dict[str, dict]) -> list[str]:
+    """Layer paths in (modules adapted anywhere) x (blocks adapted anywhere) that no adapter covers."""
+    modules = {target.rsplit(".", 1)[1] for target in by_target}
+    blocks = {_block_of(target) for target in by_target}
+    every = [path for path, _ in model.named_modules()
+             if path.startswith("blocks.") and path.rsplit(".", 1)[-1] in modules and "base" not in path.split(".")
+             and path.count(".") >= 2 and _block_of(path) in blocks]
+    return [path for path in every if path not in by_target]
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str:
