@@ -171,6 +171,14 @@ def train_in_subprocess(cfg_file: str | Path, overrides: Sequence[str], report: 
     return json.loads(Path(report).read_text())
 
 
+def same_tensors(path_a: str | Path, path_b: str | Path) -> bool:
+    """Whether two safetensors files hold the same tensor names with bit-identical values."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------

@@ -235,3 +235,19 @@ def test_the_qa_box_answers_what_answer_question_answers(tuned):
     assert text == answer_question(tuned, "Paris is the capital of France.", "What is the capital?")
     output = box.children[-1]
     assert output.outputs[-1]["text"] == f"Answer: {text}\n"  # what the reader sees under the button
+
+
+def test_same_tensors_compares_names_dtypes_and_every_bit(tmp_path):
+    from safetensors.torch import save_file
+
+    x = torch.randn(3, 4)
+    save_file({"a": x, "b": torch.zeros(2)}, str(tmp_path / "one.safetensors"))
+    save_file({"a": x.clone(), "b": torch.zeros(2)}, str(tmp_path / "two.safetensors"))
+    nudged = x.clone()
+    nudged[1, 2] = torch.nextafter(nudged[1, 2], torch.tensor(1e9))  # one value, one bit (ulp) away
+    save_file({"a": nudged, "b": torch.zeros(2)}, str(tmp_path / "nudged.safetensors"))
+    save_file({"a": x, "c": torch.zeros(2)}, str(tmp_path / "renamed.safetensors"))
+    save_file({"a": x.double(), "b": torch.zeros(2)}, str(tmp_path / "double.safetensors"))
+    assert notebook.same_tensors(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    for other in ("nudged", "renamed", "double"):
+        assert not notebook.same_tensors(tmp_path / "one.safetensors", tmp_path / f"{other}.safetensors"), other
