@@ -38,8 +38,9 @@ test-notebooks: setup data
 	LORA_TUTORIAL_MODE=fast $(PY) -m pytest -q $(NBVAL) notebooks/
 
 # The whole tutorial: execute every notebook in order, headless, saving the outputs in place; print the
-# time of each notebook and the results table. MODE=nemo runs them with the NeMo tutorial's settings.
-MODE ?= fast
+# time of each notebook and the results table. MODE=nemo (or LORA_TUTORIAL_MODE=nemo in the environment)
+# runs them with the NeMo tutorial's settings.
+MODE ?= $(or $(LORA_TUTORIAL_MODE),fast)
 tutorial: setup data
 	$(PY) -m lora_tutorial tutorial --mode $(MODE)
 
