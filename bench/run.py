@@ -159,9 +159,9 @@ def table(results: dict) -> str:
                         ("decode_b1", "greedy decoding, batch 1 (tokens/s)"),
                         ("decode_b16", "greedy decoding, batch 16 (tokens/s)")):
         rows.append((label, *(cell(kind, n) for n in names)))
-    for label, key in (("LoRA training, micro batch 1: peak RSS (MB)", "train_micro1"),
-                       ("greedy decoding, batch 1: peak RSS (MB)", "decode_b1")):
-        rows.append((label, *(cell(key, n, "peak_rss_mb", "{:.0f}") for n in names)))
+    for label, kind in (("LoRA training, micro batch 1: peak RSS (MiB)", "train_micro1"),
+                        ("greedy decoding, batch 1: peak RSS (MiB)", "decode_b1")):
+        rows.append((label, *(cell(kind, n, "peak_rss_mb", "{:.0f}") for n in names)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -196,7 +196,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument("--table", action="store_true", help="print the table of the results in --out; measure nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     check_data()
     results = measure(args.quick)
     results["ratios"] = ratios(results)
