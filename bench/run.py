@@ -174,7 +174,7 @@ def table(results: dict) -> str:
         "Fractions of the limit: " + ", ".join(f"{k} {v:.2f}" for k, v in r["fraction_of_limit"].items()),
         f"Evaluation, 100 test questions: ours {e['ours']['questions_per_s']:.2f} q/s "
         f"(EM {e['ours']['exact_match']:.1f}), "
-        f"HF generate fp32 {e['hf']['questions_per_s']:.2f} q/s (EM {e['hf']['exact_match']:.1f}): "
+        f"HF generate, same dtype {e['hf']['questions_per_s']:.2f} q/s (EM {e['hf']['exact_match']:.1f}): "
         f"x{r['evaluate_questions_per_s_ratio']:.2f}",
         f"Targets against HF + PEFT fp32: training (ours bf16-mixed) x{r['train_tokens_per_s_ratio']:.2f} at RSS "
         f"x{r['train_peak_rss_ratio']:.2f}; decoding batch 1 (ours int8) x{r['decode_b1_tokens_per_s_ratio']:.2f}; "
