@@ -3,6 +3,7 @@
     python bench/qlora_memory.py                       # all four, one after another, 1 thread each
     python bench/qlora_memory.py --bases q4_1 bf16 --steps 6 --threads 2 --micro 1
     python bench/qlora_memory.py --json out.json       # also write the raw figures
+    python bench/qlora_memory.py --json out.json --table   # reprint a recorded run
 
 Each base runs in its *own* process, one at a time (never two at once: they would compete for cores and
 memory), and reports its peak resident memory (``ru_maxrss``: the high-water mark of the whole process,
@@ -110,32 +111,28 @@ def run_all(bases: list[str], steps: int, threads: int, micro: int = 4) -> list[
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"  {base}: peak {r['peak_rss_mb']:.0f} MB, {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        print(f"  {base}: peak {r['peak_rss_mb']:.0f} MiB, {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     return results
 
 
 def table(results: list[dict]) -> str:
+    from lora_tutorial.notebook import format_table
+
     reference = next((r for r in results if r["base"] == "fp32"), None)
-    header = ("base", "peak RSS MB", "x fp32", "peak at setup MB", "quantized MB", "tokens/s", "s/step",
-              "loss first->last")
-    rows = [header]
+    rows = []
     for r in results:
-        ratio = f"{r['peak_rss_mb'] / reference['peak_rss_mb']:.2f}" if reference else "-"
         timed = r["step_seconds"][1:] or r["step_seconds"]
-        rows.append((r["base"], f"{r['peak_rss_mb']:.0f}", ratio, f"{r['peak_after_quantize_mb']:.0f}",
-                     f"{r['quantized_storage_mb']:.0f}" if r["quantized_storage_mb"] else "-",
-                     f"{r['tokens_per_s']:.0f}", f"{sum(timed) / len(timed):.2f}",
-                     f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append((r["base"], round(r["peak_rss_mb"]), r["peak_rss_mb"] / reference["peak_rss_mb"] if reference else "-",
+                     round(r["peak_after_quantize_mb"]), round(r["quantized_storage_mb"]) or "-",
+                     round(r["tokens_per_s"]), sum(timed) / len(timed), f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"))
+    lines = [format_table(rows, ["base", "peak RSS MiB", "x fp32", "peak at setup MiB", "quantized MiB", "tokens/s",
+                                 "s/step", "loss first->last"], digits=2)]
     if results:
         r = results[0]
         steps = len(r["tokens"])
         lines.append(f"(LoRA r{RANK} on all projections, {r['trainable']:,} trainable; micro batch {r['micro']}, "
                      f"{steps} steps, tokens/s and s/step over steps 2-{steps}; {r['threads']} thread(s); "
-                     f"RSS after `import torch`: {r['rss_after_import_mb']:.0f} MB; setup = load + quantize)")
+                     f"RSS after `import torch`: {r['rss_after_import_mb']:.0f} MiB; setup = load + quantize)")
     return "\n".join(lines)
 
 
@@ -146,8 +143,12 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4, help="examples per step (default 4)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--table", action="store_true", help="print the table of the results in --json; measure nothing")
     parser.add_argument("--worker", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.json.read_text())))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.threads, args.micro)))
         return

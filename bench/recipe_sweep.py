@@ -91,15 +91,14 @@ def done() -> dict[str, dict]:
 
 
 def table() -> str:
-    lines = ["| run | examples | train s | validation EM [95 % CI] | validation F1 [95 % CI] |",
-             "|---|---:|---:|---|---|"]
+    """The recorded runs as a markdown table, in the grid's order (recipe runs, then each method's)."""
+    from lora_tutorial.notebook import format_table, interval
+
     results = done()
-    order = [name for name in GRID if name in results]  # the grid's order: recipe runs, then each method's
-    for r in (results[name] for name in order):
-        lines.append(f"| {r['name']} | {r['examples']} | {r['train_seconds']:.0f} | {r['em']:.1f} "
-                     f"[{r['em_interval'][0]:.1f}, {r['em_interval'][1]:.1f}] | {r['f1']:.1f} "
-                     f"[{r['f1_interval'][0]:.1f}, {r['f1_interval'][1]:.1f}] |")
-    return "\n".join(lines)
+    rows = [(r["name"], r["examples"], round(r["train_seconds"]), interval(r["em"], r["em_interval"]),
+             interval(r["f1"], r["f1_interval"])) for r in (results[name] for name in GRID if name in results)]
+    return format_table(rows, ["run", "examples", "train s", "validation EM [95 % CI]", "validation F1 [95 % CI]"],
+                        markdown=True)
 
 
 def main() -> None:

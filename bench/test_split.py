@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_tutorial.notebook import train_in_subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {"fast": "conf/peft_tuning.yaml", "nemo": "conf/nemo_tutorial.yaml"}
 
@@ -30,13 +32,13 @@ def cli(*args: str) -> str:
 
 
 def train(name: str, config: str) -> dict:
+    """``python -m lora_tutorial train`` in its own process (the notebooks' helper); its report, reused when present."""
     log_dir = REPO / "experiments" / "test_split" / name
     report = log_dir / "report.json"
-    if not report.exists():
-        print(f"training {name} ({config})", flush=True)
-        cli("train", "--config", config, "--report", str(report), f"exp_manager.explicit_log_dir={log_dir}",
-            "trainer.enable_progress_bar=false")
-    return json.loads(report.read_text())
+    if report.exists():
+        return json.loads(report.read_text())
+    print(f"training {name} ({config})", flush=True)
+    return train_in_subprocess(config, [f"exp_manager.explicit_log_dir={log_dir}"], report, cwd=REPO)
 
 
 def evaluate(adapter: str | None, out: Path, *extra: str) -> dict:

@@ -160,12 +160,14 @@ def fit_and_score(model: SFTModel, trainer: pl.Trainer, test_ds: DictConfig, lab
             "steps": trainer.global_step, "train_seconds": round(seconds)}
 
 
-def train_in_subprocess(cfg_file: str | Path, overrides: Sequence[str], report: str | Path) -> dict[str, Any]:
-    """``python -m lora_tutorial train`` in a process of its own, so that its peak memory is its own;
-    returns the report it wrote (train_seconds, steps, peak_rss_mb, trainable_params, adapter)."""
+def train_in_subprocess(cfg_file: str | Path, overrides: Sequence[str], report: str | Path,
+                        cwd: str | Path | None = None) -> dict[str, Any]:
+    """``python -m lora_tutorial train`` in a process of its own (run in ``cwd``, the repository root for
+    the configs' relative data paths), so that its peak memory is its own; returns the report it wrote
+    (train_seconds, steps, peak_rss_mb, trainable_params, adapter)."""
     command = [sys.executable, "-m", "lora_tutorial", "train", "--config", str(cfg_file), "--report", str(report),
                "trainer.enable_progress_bar=false", *overrides]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(overrides)}):\n{done.stderr[-2000:]}")
     return json.loads(Path(report).read_text())

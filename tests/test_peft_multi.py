@@ -24,6 +24,14 @@ def trained_lora(tmp_path, seed: int, rank: int = 4, targets=("attention_qkv", "
     return model, path
 
 
+def two_named_loras(tmp_path):
+    """A tiny base with the LoRAs of seeds 1 and 2 loaded as "one" and "two" ("two" wraps "one"'s layers)."""
+    model = tiny_model()
+    load_adapters(model, trained_lora(tmp_path, seed=1)[1], name="one")
+    load_adapters(model, trained_lora(tmp_path, seed=2)[1], name="two")
+    return model
+
+
 def test_named_adapters_switch_to_exactly_each_adapters_own_logits(tmp_path):
     ids = random_ids(2, 9)
     one, path_one = trained_lora(tmp_path, seed=1)
@@ -57,11 +65,7 @@ def test_saving_one_named_adapter_writes_the_same_file_as_the_model_it_came_from
 
 
 def test_combine_lora_is_the_weighted_sum_of_the_updates_and_round_trips(tmp_path):
-    _, path_one = trained_lora(tmp_path, seed=1)
-    _, path_two = trained_lora(tmp_path, seed=2)
-    model = tiny_model()
-    load_adapters(model, path_one, name="one")
-    load_adapters(model, path_two, name="two")
+    model = two_named_loras(tmp_path)
     config = combine_lora(model, {"one": 0.7, "two": -0.2}, name="mix")
     assert config.adapter_dim == 8 and config.alpha == 8.0  # rank 4 + 4, scale 1
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -163,11 +167,7 @@ def test_merging_keeps_a_switched_off_adapter_out_of_the_weights(tmp_path):
 
 
 def test_merge_and_unload_of_nested_adapters_bakes_both_into_plain_linears(tmp_path):
-    _, path_one = trained_lora(tmp_path, seed=1)
-    _, path_two = trained_lora(tmp_path, seed=2)
-    model = tiny_model()
-    load_adapters(model, path_one, name="one")
-    load_adapters(model, path_two, name="two")
+    model = two_named_loras(tmp_path)
     ids = random_ids(2, 9)
     both = logits(model, ids)  # both switched on after loading: the two updates add up
     merge_and_unload(model)

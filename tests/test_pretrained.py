@@ -297,25 +297,18 @@ def test_hf_dir_without_safetensors(tmp_path):
         load_base_model(tmp_path)
 
 
-def test_hf_dir_with_missing_weight(tmp_path):
+@pytest.mark.parametrize("save, dropped, named", [
+    (save_hf_gpt2, "transformer.h.0.mlp.c_fc.weight", r"h\.0\.mlp\.c_fc\.weight' is missing"),
+    (save_hf_llama, "model.layers.1.mlp.up_proj.weight", r"tensor 'layers\.1\.mlp\.up_proj\.weight' is missing"),
+])
+def test_an_hf_dir_missing_a_weight_names_it(tmp_path, save, dropped, named):
     from safetensors.torch import load_file, save_file
 
-    save_hf_gpt2(tmp_path)
+    save(tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
-    del weights["transformer.h.0.mlp.c_fc.weight"]
+    del weights[dropped]
     save_file(weights, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="h.0.mlp.c_fc.weight' is missing"):
-        load_base_model(tmp_path)
-
-
-def test_hf_llama_dir_with_a_missing_weight_names_the_hf_name(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    save_hf_llama(tmp_path)
-    weights = load_file(str(tmp_path / "model.safetensors"))
-    del weights["model.layers.1.mlp.up_proj.weight"]
-    save_file(weights, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"tensor 'layers\.1\.mlp\.up_proj\.weight' is missing"):
+    with pytest.raises(CheckpointError, match=named):
         load_base_model(tmp_path)
 
 
