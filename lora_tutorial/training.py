@@ -36,7 +36,7 @@ from .config import ConfigError
 from .files import write_text
 from .peft import peft_configs_from_scheme, save_adapters
 from .precision import cpu_has_native_bf16
-from .progress import StepProgressBar
+from .progress_callback import StepProgressBar
 from .sft_model import SFTModel
 
 logger = logging.getLogger(__name__)

@@ -176,6 +176,8 @@ def test_a_gguf_written_like_llama_cpp_gives_hf_logits_and_is_cached(tmp_path, m
     third, tokenizer3 = load_base_model(path, use_cache=True)
     assert third.config == ours.config
     assert tokenizer3.encode("The cat sat.") == tokenizer.encode("The cat sat.")
+    alone = pretrained.load_tokenizer(path, use_cache=True)  # the tokenizer alone: from the cache too
+    assert alone.encode("The cat sat.") == tokenizer.encode("The cat sat.")
     monkeypatch.setattr(pretrained, "read_gguf", read_gguf)
     cached[0].unlink()
     load_base_model(path)  # by default a file that is not a known model name is not cached

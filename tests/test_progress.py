@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm as std_tqdm
 
-from lora_tutorial import progress
-from lora_tutorial.progress import StepProgressBar, in_notebook, progress_bar
+from lora_tutorial import progress_callback
+from lora_tutorial.progress import in_notebook, progress_bar
+from lora_tutorial.progress_callback import StepProgressBar
 
 # Lightning 2.6 on torch 2.13 (training.quiet_lightning filters the same for its own trainers)
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\).*:FutureWarning")
@@ -55,7 +56,7 @@ def bars(monkeypatch):
         made.append(std_tqdm(iterable, file=io.StringIO(), **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(progress, "progress_bar", fake)
+    monkeypatch.setattr(progress_callback, "progress_bar", fake)
     return made
 
 
