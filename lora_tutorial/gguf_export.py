@@ -19,10 +19,10 @@ What happens, step by step:
    naming the method.
 2. **Rename and split.** Our fused matrices go back to llama.cpp's separate tensors: ``attention_qkv``
    (rows Q | K | V) to ``attn_q``, ``attn_k``, ``attn_v``, and ``mlp_fc1`` (rows gate | up) to
-   ``ffn_gate``, ``ffn_up``. The names come from ``pretrained.LLAMA_NAMES``, the one table that the
+   ``ffn_gate``, ``ffn_up``. The names come from ``checkpoint_names.LLAMA_NAMES``, the one table that the
    readers use too.
 3. **Permute.** llama.cpp rotates *interleaved* pairs of query/key dimensions (0&1, 2&3, ...) where we
-   rotate the halves (i and i + head_dim/2). ``pretrained.unpermute_rope_rows`` reordered the rows when
+   rotate the halves (i and i + head_dim/2). ``checkpoint_names.unpermute_rope_rows`` reordered the rows when
    the model was read; ``permute_rope_rows`` here is its inverse.
 4. **Store.** Norm gains stay float32 (576 numbers each, and the precision matters), every matrix,
    the token embedding included, becomes F16 (``dtype="f16"``: 2 bytes a weight, rounding error at most
@@ -50,7 +50,8 @@ from .peft.adapter import AdapterLinear
 from .peft.ia3 import IA3FFN, IA3QKV
 from .peft.lora import LoRALinear
 from .peft.wrapping import is_peft_module
-from .pretrained import GGUF, gguf_config, gguf_fields, llama_names, resolve_model_path
+from .checkpoint_names import GGUF, llama_names
+from .pretrained import gguf_config, gguf_fields, resolve_model_path
 
 # dtype -> (GGML tensor type of the matrices, general.file_type)
 DTYPES = {"f16": ("F16", "MOSTLY_F16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
@@ -76,7 +77,7 @@ _REPLACED_KEYS = {"general.architecture", "general.name", "general.finetune", "g
 def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Reorder q/k rows from the half-split (HF) layout to llama.cpp's interleaved rotary layout.
 
-    The inverse of ``pretrained.unpermute_rope_rows`` (and what llama.cpp's ``convert_hf_to_gguf.py`` does):
+    The inverse of ``checkpoint_names.unpermute_rope_rows`` (and what llama.cpp's ``convert_hf_to_gguf.py`` does):
     within each head, row i of the first half and row i of the second half become rows 2i and 2i + 1.
     """
     d_out, d_in = w.shape

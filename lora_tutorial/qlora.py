@@ -78,7 +78,8 @@ from .peft.config import TARGET_PARENTS
 from .peft.lora import LoRALinear
 from .peft.wrapping import is_peft_module, target_name
 from .precision import matmul_dtype
-from .pretrained import GGUF, CheckpointError, llama_names, resolve_model_path, unpermute_rope_rows
+from .checkpoint_names import GGUF, CheckpointError, llama_names, unpermute_rope_rows
+from .pretrained import resolve_model_path
 from .quantize import Int8Linear
 
 KINDS = ("int8", "q4_1")

@@ -30,6 +30,8 @@ from .precision import cast_frozen_weights
 
 # A product with at most this many rows is "decoding" (memory-bound): use the int8 kernel directly.
 DECODE_ROWS = 16
+# Rows of a weight matrix quantized at once (bounds the float32 temporaries to ~2.4 MB at this model's width).
+QUANTIZE_ROWS = 1024
 
 
 class Int8Linear(nn.Module):
@@ -39,11 +41,18 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        # Round the scale to bf16 (what the kernel takes) *before* quantizing against it.
-        scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(torch.bfloat16)
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
-        self.register_buffer("weight_int8", q.to(torch.int8))
+        weight = linear.weight.detach()
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+        # A few rows at a time: a float32 copy of the whole LM head (113 MB, three temporaries deep) would
+        # raise the process's peak memory far above what the int8 model needs.
+        for rows in torch.split(torch.arange(weight.shape[0], device=weight.device), QUANTIZE_ROWS):
+            w = weight[rows[0]:rows[-1] + 1].float()
+            # Round the scale to bf16 (what the kernel takes) *before* quantizing against it.
+            s = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(torch.bfloat16)
+            q[rows[0]:rows[-1] + 1] = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            scale[rows[0]:rows[-1] + 1] = s
+        self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features

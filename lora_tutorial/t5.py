@@ -72,7 +72,7 @@ from .peft.checkpoint import AdapterCheckpointError, adapter_state_dict
 from .peft.inject import adapter_parameters
 from .peft.lora import LoRALinear, lora_modules
 from .peft.wrapping import replace_module, unwrap
-from .pretrained import CheckpointError
+from .checkpoint_names import CheckpointError
 
 FEED_FORWARD = ("relu", "gated-gelu")
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")

@@ -38,8 +38,8 @@ from lora_tutorial.gguf_export import check_mergeable, export_gguf, gguf_tensors
 from lora_tutorial.peft import (AdapterPEFTConfig, IA3PEFTConfig, LoraPEFTConfig, PtuningPEFTConfig, add_adapter,
                                 disable_adapters)
 from lora_tutorial.peft.lora import lora_modules
-from lora_tutorial.pretrained import (GGUF, gguf_fields, build_model, llama_state_dict,
-                                      resolve_model_path, unpermute_rope_rows)
+from lora_tutorial.checkpoint_names import GGUF, llama_state_dict, unpermute_rope_rows
+from lora_tutorial.pretrained import build_model, gguf_fields, resolve_model_path
 
 BASE = "smollm2-135m-instruct"
 QUESTION = "Which city is the capital of France?"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lora_tutorial import CheckpointError, load_base_model, pretrained
-from lora_tutorial.pretrained import (GGUF, HF, LLAMA_NAMES, build_model, cache_dir, llama_names, llama_state_dict,
-                                      read_gguf, unpermute_rope_rows)
+from lora_tutorial.checkpoint_names import GGUF, HF, LLAMA_NAMES, llama_names, llama_state_dict, unpermute_rope_rows
+from lora_tutorial.pretrained import build_model, cache_dir, read_gguf
 
 from helpers import (logits, random_ids, save_hf_gpt2, save_hf_llama, tiny_llama_config, tiny_model,
                      tiny_tokenizer, write_tiny_tokenizer)

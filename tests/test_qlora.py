@@ -19,7 +19,8 @@ from torch import nn
 from lora_tutorial import load_base_model
 from lora_tutorial.peft import LoraPEFTConfig, add_adapter, disable_adapters, merge_lora, remove_adapters
 from lora_tutorial.peft.lora import lora_modules
-from lora_tutorial.pretrained import GGUF, llama_names, resolve_model_path, unpermute_rope_rows
+from lora_tutorial.checkpoint_names import GGUF, llama_names, unpermute_rope_rows
+from lora_tutorial.pretrained import resolve_model_path
 from lora_tutorial.qlora import (DequantizedMatmul, Q4_1Linear, QInt8Linear, QuantizedLinear, QuantizedWeightError,
                                  quantize_base, quantize_q4_1, quantized_layers)
 from lora_tutorial.sft_data import SFTCollator, SFTDataset

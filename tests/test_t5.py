@@ -17,7 +17,7 @@ import peft  # noqa: E402 - a dev dependency: the reference implementation
 import transformers  # noqa: E402
 
 from lora_tutorial.peft import AdapterCheckpointError, LoRALinear, merge_lora, unmerge_lora
-from lora_tutorial.pretrained import CheckpointError
+from lora_tutorial.checkpoint_names import CheckpointError
 from lora_tutorial.t5 import (T5Attention, add_lora_t5, t5_hf_name, load_t5, load_t5_lora, relative_position_bucket,
                               save_t5_lora)
 

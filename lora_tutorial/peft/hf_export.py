@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..files import atomic_path, write_text
 from ..model import GPT
-from ..pretrained import HF, LLAMA_NAMES
+from ..checkpoint_names import HF, LLAMA_NAMES
 from .lora import LoRALinear
 from .wrapping import target_name
 
