@@ -9,7 +9,8 @@
 ``--precision bf16`` means, for ours, what ``trainer.precision: bf16-mixed`` does (frozen matrices stored
 in bf16, adapters float32, see lora_tutorial/precision.py); for HF, the like-for-like recipe: weights
 loaded in bf16, PEFT's float32 adapters, the step under ``torch.autocast(bfloat16)``. ``int8`` (ours only,
-decoding and evaluation): the weights quantized by ``lora_tutorial.quantize.quantize_int8``.
+decoding and evaluation): the weights quantized by ``lora_tutorial.quantize.quantize_int8``, for decoding
+loaded from the int8 weight cache by ``load_int8_model`` (the process never holds the bf16 matrices).
 Each prints one JSON line (the last line of stdout). ``bench/run.py`` orchestrates them.
 """
 
@@ -191,11 +192,12 @@ def cmd_decode(args) -> dict:
     batch = [ids] * args.batch
     dtype = torch.float32 if args.precision == "32" else torch.bfloat16
     if args.impl == "ours":
-        ours, _ = load_base_model(dtype=dtype)
-        if args.precision == "int8":
-            from lora_tutorial.quantize import quantize_int8
+        if args.precision == "int8":  # the int8 matrices from the weight cache (written by the first run)
+            from lora_tutorial.quantize import load_int8_model
 
-            quantize_int8(ours.requires_grad_(False))
+            ours, _ = load_int8_model()
+        else:
+            ours, _ = load_base_model(dtype=dtype)
         run = lambda: generate_ids(ours, batch, tokens_to_generate=args.tokens, stop_ids=())  # noqa: E731
         read = weight_bytes(ours)
     else:

@@ -25,15 +25,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
     from .pretrained import load_base_model
 
-    model, tokenizer = load_base_model(args.model, dtype=torch.float32 if args.precision == "32" else torch.bfloat16)
+    if args.precision == "int8" and not args.adapter:  # the int8 matrices from the weight cache
+        from .quantize import load_int8_model
+
+        model, tokenizer = load_int8_model(args.model)
+    else:
+        model, tokenizer = load_base_model(args.model, dtype=torch.float32 if args.precision == "32" else torch.bfloat16)
     if args.adapter:
         from .peft import load_adapters
 
         load_adapters(model, args.adapter)
-    if args.precision == "int8":
-        from .quantize import quantize_int8
+        if args.precision == "int8":  # quantize the base under the adapter (adapters stay float32)
+            from .quantize import quantize_int8
 
-        quantize_int8(model.requires_grad_(False))
+            quantize_int8(model.requires_grad_(False))
     prompt = args.prompt if args.raw else tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     started = time.perf_counter()
     text = generate(model, tokenizer, prompt, tokens_to_generate=args.tokens_to_generate,

@@ -137,8 +137,11 @@ def rope_cache(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, 
     (a cos t - b sin t, b cos t + a sin t); with x rolled by half its width (b in a's place and a in b's)
     that is ``x * cos + roll(x) * sin_signed`` where the first half of ``sin_signed`` is -sin t.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    # Always computed on the CPU, also inside ``torch.device("meta")`` (how ``pretrained.build_model``
+    # builds a model): real tables are needed anyway, and math on "meta" tensors imports torch._dynamo
+    # and sympy (about 75 MiB that a decoding process would keep).
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)
     cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
     sin_signed = torch.cat([-angles.sin(), angles.sin()], dim=-1)
     return cos.float(), sin_signed.float()

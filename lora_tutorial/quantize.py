@@ -14,6 +14,11 @@ tokens is compute-bound instead, and there the matrix is dequantized to bf16 onc
 usual. Whether int8 beats bf16 depends on the CPU and the batch (a CPU with AMX multiplies bf16 fast
 enough that the int8 kernel rarely wins): ``make bench`` measures both, and the README reports them.
 
+Quantizing reads every bf16 matrix, so the process that does it holds both copies for a moment.
+``load_int8_model`` therefore quantizes the pretrained model once and caches the int8 matrices on disk:
+later processes map that file and never read the bf16 matrices (the embedding table aside), which keeps
+an int8 process's peak memory at what the int8 model needs (``make bench`` reports it).
+
 Only frozen ``nn.Linear`` layers are converted (adapters stay as they are, so a LoRA model can still be
 used; for merged LoRA call ``merge_and_unload`` first). The embedding table stays bf16 for the lookup;
 the tied LM head gets its own int8 copy. Measure EM/F1 before trusting a quantized model (the README
@@ -22,11 +27,20 @@ reports ours).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .model import GPT
+from .files import atomic_path
 from .precision import cast_frozen_weights
+from .pretrained import DEFAULT_MODEL, CheckpointError, load_base_model, weights_cache_path
+from .tokenizer import Tokenizer
 
 # A product with at most this many rows is "decoding" (memory-bound): use the int8 kernel directly.
 DECODE_ROWS = 16
@@ -39,8 +53,18 @@ class Int8Linear(nn.Module):
 
     weight_is_quantized = True  # GPT.num_parameters counts it as the (out, in) matrix it stands for
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, stored: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Quantize ``linear``'s weight, or take ``stored`` (int8 matrix, bf16 scales) from an earlier run."""
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        if stored is not None:
+            # The int8 kernel reads with wide vector loads and can crash on a tensor that is not 64-byte
+            # aligned, as tensors mapped from a safetensors file may be: give those fresh memory.
+            weight_int8, scale = (t if t.data_ptr() % 64 == 0 else t.clone() for t in stored)
+            self.register_buffer("weight_int8", weight_int8)
+            self.register_buffer("scale", scale)
+            return
         weight = linear.weight.detach()
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
@@ -54,8 +78,6 @@ class Int8Linear(nn.Module):
             scale[rows[0]:rows[-1] + 1] = s
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) bf16 matrix this layer stands for."""
@@ -76,18 +98,68 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_int8(model: nn.Module) -> int:
+def quantize_int8(model: nn.Module, stored: Mapping[str, torch.Tensor] | None = None, source: str = "") -> int:
     """Replace every frozen ``nn.Linear`` of ``model`` by an ``Int8Linear``; return how many were replaced.
 
-    The other frozen matrices (the embedding table) are stored in bf16 too, so that the model runs under
-    bf16 autocast (see precision.py); norms and trainable tensors are left alone.
+    ``stored``: the int8 buffers of an earlier ``quantize_int8`` of the same model (its ``state_dict``
+    entries ``<layer>.weight_int8`` and ``<layer>.scale``; ``source`` names where they came from, for
+    errors), used instead of quantizing. The other frozen matrices (the embedding table) are stored in
+    bf16 too, so that the model runs under bf16 autocast (see precision.py); norms and trainable tensors
+    are left alone.
     """
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(f"{prefix}.{name}".lstrip("."), parent, name, child)
+               for prefix, parent in model.named_modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and not child.weight.requires_grad]
-    for parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child))
+    for full_name, parent, name, child in targets:
+        setattr(parent, name, Int8Linear(child, None if stored is None else _stored_layer(stored, full_name, child, source)))
     cast_frozen_weights(model, torch.bfloat16)  # the embedding table (and any other frozen matrix)
     return len(targets)
 
 
-__all__ = ["Int8Linear", "quantize_int8"]
+def _stored_layer(stored: Mapping[str, torch.Tensor], name: str, linear: nn.Linear,
+                  source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``name``'s int8 matrix and scales from ``stored``, checked against the layer they replace."""
+    keys = (f"{name}.weight_int8", f"{name}.scale")
+    for key, shape, dtype in zip(keys, (tuple(linear.weight.shape), (linear.out_features,)), (torch.int8, torch.bfloat16)):
+        tensor = stored.get(key)
+        if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise CheckpointError(f"{source or 'stored int8 weights'}: {key} is {found}; expected {shape} {dtype} "
+                                  "(delete the file to quantize again)")
+    return stored[keys[0]], stored[keys[1]]
+
+
+def load_int8_model(name_or_path: str | Path = DEFAULT_MODEL, use_cache: bool | None = None) -> tuple[GPT, Tokenizer]:
+    """The pretrained model with int8 weights, frozen, for generation: ``load_base_model`` + ``quantize_int8``.
+
+    For a cached model (``use_cache`` as in ``load_base_model``) the int8 matrices are written to the cache
+    the first time and read from it afterwards: such a load never reads the bf16 matrices it replaces.
+    """
+    model, tokenizer = load_base_model(name_or_path, dtype=torch.bfloat16, use_cache=use_cache)
+    model.requires_grad_(False)
+    cached = weights_cache_path(name_or_path, "int8", use_cache)
+    if cached is not None and cached.exists():
+        quantize_int8(model, load_file(str(cached)), source=str(cached))
+        return model, tokenizer
+    quantize_int8(model)
+    if cached is not None:
+        _save_aligned({k: v for k, v in model.state_dict().items() if k.endswith((".weight_int8", ".scale"))}, cached)
+    return model, tokenizer
+
+
+def _save_aligned(state: dict[str, torch.Tensor], path: Path, alignment: int = 64) -> None:
+    """Save ``state`` as safetensors whose data section starts at a multiple of ``alignment`` bytes.
+
+    The format puts the tensors one after another behind a JSON header; a metadata entry of spaces
+    lengthens the header until the data starts aligned, so that every tensor whose size is a multiple
+    of ``alignment`` (all of SmolLM2's) is mapped aligned and ``Int8Linear`` need not copy it.
+    """
+    for pad in range(alignment):
+        data = safetensors_bytes(state, metadata={"padding": " " * pad})
+        if (8 + int.from_bytes(data[:8], "little")) % alignment == 0:
+            break
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+__all__ = ["Int8Linear", "load_int8_model", "quantize_int8"]

@@ -65,3 +65,33 @@ def test_generate_cli_with_low_precision_weights(precision):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Paris" in out.stdout
+
+
+def test_load_int8_model_caches_the_int8_matrices_and_reads_them_back(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    from test_pretrained import write_gguf_from_hf
+
+    from helpers import save_hf_llama
+    from lora_tutorial.checkpoint_names import CheckpointError
+    from lora_tutorial.quantize import load_int8_model
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf_from_hf(save_hf_llama(tmp_path / "hf", max_positions=64), path)
+    monkeypatch.setenv("LORA_TUTORIAL_CACHE", str(tmp_path / "cache"))
+    first, _ = load_int8_model(path, use_cache=True)
+    (cached,) = (tmp_path / "cache").glob("*-int8.safetensors")
+    stored = load_file(str(cached))
+    assert len(stored) == 2 * (4 * first.config.n_layer + 1)  # int8 matrix + scales per quantized layer
+    ids = torch.tensor([[3, 4, 5, 6]])
+    second, _ = load_int8_model(path, use_cache=True)
+    assert torch.equal(first(ids), second(ids))
+    # the second load read the file (it did not quantize again): a changed scale shows up in the model
+    stored["lm_head.scale"] = stored["lm_head.scale"] * 2
+    save_file(stored, str(cached))
+    third, _ = load_int8_model(path, use_cache=True)
+    assert torch.equal(third.lm_head.scale, stored["lm_head.scale"])
+    # a cache file that does not fit the model is one error naming the file and the tensor
+    del stored["blocks.1.mlp.mlp_fc2.weight_int8"]
+    save_file(stored, str(cached))
+    with pytest.raises(CheckpointError, match=r"int8.safetensors: blocks\.1\.mlp\.mlp_fc2\.weight_int8 is missing"):
+        load_int8_model(path, use_cache=True)
