@@ -258,7 +258,8 @@ def cmd_evaluate(args) -> dict:
 
     ours: as the notebooks evaluate (``evaluation.answer_dataset``: bf16 weights where the CPU multiplies
     bf16 natively, batches of 16 prompts of similar length); hf: transformers ``generate`` on the same
-    prompt ids in the same dtype, also in batches of 16 in the same order, left-padded. Ours stops a row
+    prompt ids, also in batches of 16 in the same order, left-padded, in ``--precision`` (float32, the
+    issue's reference, or bf16: the same dtype as ours). Ours stops a row
     at a newline once it has text; ``generate`` has no such rule, so it gets EOS *and* every newline token
     as stop ids -- the same or fewer generated tokens than ours, never more (HF is not slowed down by it).
     """
@@ -281,7 +282,7 @@ def cmd_evaluate(args) -> dict:
         result = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
         scores, seconds = result.scores, result.seconds
     else:
-        hf = hf_base("bf16" if cpu_has_native_bf16() else "32").eval()
+        hf = hf_base(args.precision).eval()
         dataset = model.build_dataset(cfg.model.data.test_ds)
         order = dataset.indices_by_length()
         items = [dataset[i] for i in order]
@@ -301,7 +302,8 @@ def cmd_evaluate(args) -> dict:
             answers += [clean_prediction(model.tokenizer.decode(row[width:].tolist())) for row in out]
         seconds = time.perf_counter() - started
         scores = score_predictions(answers, [item["answers"] for item in items])
-    return {"impl": args.impl, "n": args.n, "seconds": seconds, "questions_per_s": args.n / seconds,
+    return {"impl": args.impl, "precision": args.precision if args.impl == "hf" else "best",
+            "n": args.n, "seconds": seconds, "questions_per_s": args.n / seconds,
             "exact_match": scores.exact_match, "f1": scores.f1, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -325,6 +327,7 @@ def main() -> None:
     evaluate = sub.add_parser("evaluate")
     evaluate.add_argument("--impl", choices=["ours", "hf"], required=True)
     evaluate.add_argument("--n", type=int, default=100)
+    evaluate.add_argument("--precision", choices=["32", "bf16"], default="32")  # hf only
     args = parser.parse_args()
     commands = {"train": cmd_train, "decode": cmd_decode, "lossparity": cmd_lossparity, "evaluate": cmd_evaluate,
                 "limits": cmd_limits}

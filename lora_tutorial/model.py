@@ -180,9 +180,9 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer].narrow(2, start, end - start).copy_(k)  # narrow: one view op where [:, :, a:b] is three
+        self.values[layer].narrow(2, start, end - start).copy_(v)
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,13 +226,16 @@ class Attention(nn.Module):
         c = self.config
         heads = self.attention_qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim)
         qk, v = heads.split([c.n_head + c.n_kv_head, c.n_kv_head], dim=2)
+        dtype = attention_dtype(x.device.type, x.dtype, torch.is_grad_enabled() and heads.requires_grad)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated together, (B, T, H + H_kv, D)
+        qk = qk.to(dtype)  # and cast together: one copy instead of two
         q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
-        dtype = attention_dtype(x.device.type, x.dtype, torch.is_grad_enabled() and heads.requires_grad)
-        q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, heads, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(dtype)  # (B, heads, T, D)
         if cache is not None:
-            k, v = (t.to(dtype) for t in cache.update(self.layer_idx, k, v))  # no-op unless grad mode changed
+            k, v = cache.update(self.layer_idx, k, v)
+            if k.dtype != dtype:  # a cache made in another grad mode (see attention_dtype)
+                k, v = k.to(dtype), v.to(dtype)
         # Autocast would put the float32 attention of a CPU back into bf16: switch it off around the kernel.
         keep_fp32 = dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if keep_fp32 else contextlib.nullcontext():
