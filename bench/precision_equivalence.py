@@ -42,6 +42,8 @@ def main() -> None:
     reference_rows, reference_f1 = per_question["fp32"]
     for name in ("bf16", "int8"):
         rows, f1 = per_question[name]
+        if [r["input"] for r in rows] != [r["input"] for r in reference_rows]:
+            raise SystemExit(f"{name}: its predictions are not the same questions in the same order as fp32's")
         differences = [a - b for a, b in zip(f1, reference_f1)]
         low, high = bootstrap_interval(differences)
         changed = sum(r["prediction"] != s["prediction"] for r, s in zip(rows, reference_rows))

@@ -302,7 +302,8 @@ def cmd_evaluate(args) -> dict:
             answers += [clean_prediction(model.tokenizer.decode(row[width:].tolist())) for row in out]
         seconds = time.perf_counter() - started
         scores = score_predictions(answers, [item["answers"] for item in items])
-    return {"impl": args.impl, "precision": args.precision if args.impl == "hf" else "best",
+    ours_precision = "bf16" if cpu_has_native_bf16() else "32"  # what the notebooks use on this CPU
+    return {"impl": args.impl, "precision": args.precision if args.impl == "hf" else ours_precision,
             "n": args.n, "seconds": seconds, "questions_per_s": args.n / seconds,
             "exact_match": scores.exact_match, "f1": scores.f1, "peak_rss_mb": peak_rss_mb()}
 

@@ -30,7 +30,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         model, tokenizer = load_int8_model(args.model)
     else:
-        model, tokenizer = load_base_model(args.model, dtype=torch.float32 if args.precision == "32" else torch.bfloat16)
+        dtype = torch.float32 if args.precision == "32" else torch.bfloat16
+        model, tokenizer = load_base_model(args.model, dtype=dtype)
     if args.adapter:
         from .peft import load_adapters
 

@@ -22,7 +22,6 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
 
 
-
 HF, GGUF = 0, 1
 # Our name -> (HF names, GGUF names). Where we fuse matrices (Q|K|V, gate|up) the parts are stacked by
 # rows in the order listed. "{i}" is the layer index.

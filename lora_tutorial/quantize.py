@@ -44,7 +44,9 @@ from .tokenizer import Tokenizer
 
 # A product with at most this many rows is "decoding" (memory-bound): use the int8 kernel directly.
 DECODE_ROWS = 16
-# Rows of a weight matrix quantized at once (bounds the float32 temporaries to ~2.4 MB at this model's width).
+# Names the int8 cache file: change it when the quantization recipe changes, so old files are not reused.
+INT8_CACHE_TAG = "int8-rowwise-absmax-v1"
+# Rows of a weight matrix quantized at once (bounds its float32 temporaries to a few MB at this model's widths).
 QUANTIZE_ROWS = 1024
 
 
@@ -98,7 +100,8 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
-def quantize_int8(model: nn.Module, stored: Mapping[str, torch.Tensor] | None = None, source: str = "") -> int:
+def quantize_int8(model: nn.Module, stored: Mapping[str, torch.Tensor] | None = None,
+                  source: str = "") -> int:
     """Replace every frozen ``nn.Linear`` of ``model`` by an ``Int8Linear``; return how many were replaced.
 
     ``stored``: the int8 buffers of an earlier ``quantize_int8`` of the same model (its ``state_dict``
@@ -110,8 +113,11 @@ def quantize_int8(model: nn.Module, stored: Mapping[str, torch.Tensor] | None = 
     targets = [(f"{prefix}.{name}".lstrip("."), parent, name, child)
                for prefix, parent in model.named_modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and not child.weight.requires_grad]
-    for full_name, parent, name, child in targets:
-        setattr(parent, name, Int8Linear(child, None if stored is None else _stored_layer(stored, full_name, child, source)))
+    # Every stored layer is checked before the first is replaced: a bad file leaves the model as it was.
+    layers = [None if stored is None else _stored_layer(stored, full_name, child, source)
+              for full_name, _, _, child in targets]
+    for (_, parent, name, child), layer in zip(targets, layers):
+        setattr(parent, name, Int8Linear(child, layer))
     cast_frozen_weights(model, torch.bfloat16)  # the embedding table (and any other frozen matrix)
     return len(targets)
 
@@ -120,7 +126,8 @@ def _stored_layer(stored: Mapping[str, torch.Tensor], name: str, linear: nn.Line
                   source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``name``'s int8 matrix and scales from ``stored``, checked against the layer they replace."""
     keys = (f"{name}.weight_int8", f"{name}.scale")
-    for key, shape, dtype in zip(keys, (tuple(linear.weight.shape), (linear.out_features,)), (torch.int8, torch.bfloat16)):
+    expected = ((tuple(linear.weight.shape), torch.int8), ((linear.out_features,), torch.bfloat16))
+    for key, (shape, dtype) in zip(keys, expected):
         tensor = stored.get(key)
         if tensor is None or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
@@ -137,7 +144,7 @@ def load_int8_model(name_or_path: str | Path = DEFAULT_MODEL, use_cache: bool | 
     """
     model, tokenizer = load_base_model(name_or_path, dtype=torch.bfloat16, use_cache=use_cache)
     model.requires_grad_(False)
-    cached = weights_cache_path(name_or_path, "int8", use_cache)
+    cached = weights_cache_path(name_or_path, INT8_CACHE_TAG, use_cache)
     if cached is not None and cached.exists():
         quantize_int8(model, load_file(str(cached)), source=str(cached))
         return model, tokenizer
@@ -150,14 +157,14 @@ def load_int8_model(name_or_path: str | Path = DEFAULT_MODEL, use_cache: bool | 
 def _save_aligned(state: dict[str, torch.Tensor], path: Path, alignment: int = 64) -> None:
     """Save ``state`` as safetensors whose data section starts at a multiple of ``alignment`` bytes.
 
-    The format puts the tensors one after another behind a JSON header; a metadata entry of spaces
-    lengthens the header until the data starts aligned, so that every tensor whose size is a multiple
-    of ``alignment`` (all of SmolLM2's) is mapped aligned and ``Int8Linear`` need not copy it.
+    The format is 8 bytes of header length, a JSON header (padded with spaces to a multiple of 8), then
+    the tensors back to back. A metadata entry of spaces lengthens the JSON so that the data starts
+    aligned; then every tensor whose size is a multiple of ``alignment`` (all of SmolLM2's) is mapped
+    aligned and ``Int8Linear`` need not copy it (it copies any tensor that is not).
     """
-    for pad in range(alignment):
-        data = safetensors_bytes(state, metadata={"padding": " " * pad})
-        if (8 + int.from_bytes(data[:8], "little")) % alignment == 0:
-            break
+    data = safetensors_bytes(state, metadata={"padding": ""})
+    json_length = len(data[8:8 + int.from_bytes(data[:8], "little")].rstrip(b" "))
+    data = safetensors_bytes(state, metadata={"padding": " " * ((alignment - 8 - json_length) % alignment)})
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

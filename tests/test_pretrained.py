@@ -357,3 +357,17 @@ def test_load_tokenizer_of_a_file_that_is_not_gguf(tmp_path):
     f.write_bytes(b"GGUF" + b"\x07" * 40)
     with pytest.raises(CheckpointError, match="broken.gguf: not a readable GGUF"):
         load_tokenizer(f)
+
+
+def test_build_model_skips_init_only_while_building_and_keeps_every_weight():
+    from torch import nn
+
+    config = tiny_llama_config()
+    state = {k: v for k, v in tiny_model(config).state_dict().items()
+             if not (config.tie_embeddings and k == "lm_head.weight")}
+    before = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    built = build_model(config, state, torch.float32)
+    assert (nn.Linear.reset_parameters, nn.Embedding.reset_parameters) == before  # restored
+    for name, tensor in state.items():
+        assert torch.equal(built.state_dict()[name], tensor), name
+    assert built.rope_cos.device.type == "cpu" and not built.rope_cos.is_meta

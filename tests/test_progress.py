@@ -91,3 +91,14 @@ def test_outside_a_notebook_a_bar_is_plain_tqdm():
     bar = progress_bar(range(3), file=io.StringIO(), desc="x")
     assert type(bar) is std_tqdm
     assert list(bar) == [0, 1, 2]
+
+
+def test_importing_the_package_does_not_import_lightning():
+    """Generating or loading a model must not pay Lightning's import (seconds, ~150 MiB per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_tutorial, lora_tutorial.generation, lora_tutorial.quantize, lora_tutorial.progress; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -79,19 +79,39 @@ def test_load_int8_model_caches_the_int8_matrices_and_reads_them_back(tmp_path, 
     write_gguf_from_hf(save_hf_llama(tmp_path / "hf", max_positions=64), path)
     monkeypatch.setenv("LORA_TUTORIAL_CACHE", str(tmp_path / "cache"))
     first, _ = load_int8_model(path, use_cache=True)
-    (cached,) = (tmp_path / "cache").glob("*-int8.safetensors")
-    stored = load_file(str(cached))
+    (cached,) = (tmp_path / "cache").glob("*-int8-*.safetensors")
+    header_length = int.from_bytes(cached.read_bytes()[:8], "little")
+    assert (8 + header_length) % 64 == 0  # the data section starts 64-byte aligned
+    stored = {k: v.clone() for k, v in load_file(str(cached)).items()}  # copies: the file is rewritten below
     assert len(stored) == 2 * (4 * first.config.n_layer + 1)  # int8 matrix + scales per quantized layer
     ids = torch.tensor([[3, 4, 5, 6]])
     second, _ = load_int8_model(path, use_cache=True)
     assert torch.equal(first(ids), second(ids))
+
+    def rewrite(state: dict) -> None:  # a new file in place of the old one, never the mapped one rewritten
+        save_file(state, str(tmp_path / "new.safetensors"))
+        (tmp_path / "new.safetensors").replace(cached)
+
     # the second load read the file (it did not quantize again): a changed scale shows up in the model
     stored["lm_head.scale"] = stored["lm_head.scale"] * 2
-    save_file(stored, str(cached))
+    rewrite(stored)
     third, _ = load_int8_model(path, use_cache=True)
     assert torch.equal(third.lm_head.scale, stored["lm_head.scale"])
     # a cache file that does not fit the model is one error naming the file and the tensor
     del stored["blocks.1.mlp.mlp_fc2.weight_int8"]
-    save_file(stored, str(cached))
-    with pytest.raises(CheckpointError, match=r"int8.safetensors: blocks\.1\.mlp\.mlp_fc2\.weight_int8 is missing"):
+    rewrite(stored)
+    with pytest.raises(CheckpointError, match=r"\.safetensors: blocks\.1\.mlp\.mlp_fc2\.weight_int8 is missing"):
         load_int8_model(path, use_cache=True)
+
+
+def test_a_bad_stored_layer_leaves_the_model_unchanged():
+    from lora_tutorial.checkpoint_names import CheckpointError
+
+    model = tiny_model(tiny_llama_config()).requires_grad_(False)
+    stored = copy.deepcopy(model)
+    quantize_int8(stored)
+    state = {k: v for k, v in stored.state_dict().items() if k.endswith((".weight_int8", ".scale"))}
+    state["lm_head.scale"] = state["lm_head.scale"][:-1]  # the last layer checked is the wrong size
+    with pytest.raises(CheckpointError, match=r"lm_head\.scale is \(\d+,\) torch.bfloat16; expected"):
+        quantize_int8(model, state, source="cache.safetensors")
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # nothing was replaced
