@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .model import GPT
 from .files import atomic_path
+from .model import GPT
 from .precision import cast_frozen_weights
 from .pretrained import DEFAULT_MODEL, CheckpointError, load_base_model, weights_cache_path
 from .tokenizer import Tokenizer
