@@ -36,7 +36,8 @@ def main() -> None:
     for name, overrides in PRECISIONS.items():
         predictions = out_dir / f"{name}.jsonl"
         results[name] = evaluate(adapter, predictions, f"model.data.test_ds.file_names=[{SPLIT}]", *overrides)
-        rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+        # split on b"\n" only: the file keeps characters like U+2028 raw, which splitlines() would break on
+        rows = [json.loads(line) for line in predictions.read_bytes().split(b"\n") if line]
         per_question[name] = rows, per_question_scores([r["prediction"] for r in rows], [r["answers"] for r in rows])[1]
         print(f"{name}: {results[name]['line']}", flush=True)
     reference_rows, reference_f1 = per_question["fp32"]

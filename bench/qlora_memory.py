@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the table of the results in --json; measure nothing")
     parser.add_argument("--worker", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table and not args.json:
+        parser.error("--table reprints a recorded run: give its file with --json")
     if args.table:
         print(table(json.loads(args.json.read_text())))
         return

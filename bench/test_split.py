@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from lora_tutorial.notebook import train_in_subprocess
-
 REPO = Path(__file__).resolve().parents[1]
 RUNS = {"fast": "conf/peft_tuning.yaml", "nemo": "conf/nemo_tutorial.yaml"}
 
@@ -37,6 +35,8 @@ def train(name: str, config: str) -> dict:
     report = log_dir / "report.json"
     if report.exists():
         return json.loads(report.read_text())
+    from lora_tutorial.notebook import train_in_subprocess  # here: it imports Lightning, which main() need not
+
     print(f"training {name} ({config})", flush=True)
     return train_in_subprocess(config, [f"exp_manager.explicit_log_dir={log_dir}"], report, cwd=REPO)
 

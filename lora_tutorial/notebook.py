@@ -165,12 +165,13 @@ def train_in_subprocess(cfg_file: str | Path, overrides: Sequence[str], report: 
     """``python -m lora_tutorial train`` in a process of its own (run in ``cwd``, the repository root for
     the configs' relative data paths), so that its peak memory is its own; returns the report it wrote
     (train_seconds, steps, peak_rss_mb, trainable_params, adapter)."""
+    report = Path(report).resolve()  # the child runs in ``cwd``: give it the path the parent reads back
     command = [sys.executable, "-m", "lora_tutorial", "train", "--config", str(cfg_file), "--report", str(report),
                "trainer.enable_progress_bar=false", *overrides]
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(overrides)}):\n{done.stderr[-2000:]}")
-    return json.loads(Path(report).read_text())
+    return json.loads(report.read_text())
 
 
 def same_tensors(path_a: str | Path, path_b: str | Path) -> bool:
@@ -178,7 +179,12 @@ def same_tensors(path_a: str | Path, path_b: str | Path) -> bool:
     from safetensors.torch import load_file
 
     a, b = load_file(str(path_a)), load_file(str(path_b))
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # the raw bytes: -0.0 differs from 0.0, a NaN equals itself
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                                        and torch.equal(bits(a[k]), bits(b[k])) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------

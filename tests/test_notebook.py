@@ -248,6 +248,8 @@ def test_same_tensors_compares_names_dtypes_and_every_bit(tmp_path):
     save_file({"a": nudged, "b": torch.zeros(2)}, str(tmp_path / "nudged.safetensors"))
     save_file({"a": x, "c": torch.zeros(2)}, str(tmp_path / "renamed.safetensors"))
     save_file({"a": x.double(), "b": torch.zeros(2)}, str(tmp_path / "double.safetensors"))
+    save_file({"a": x, "b": -torch.zeros(2)}, str(tmp_path / "signed_zero.safetensors"))  # == but not bitwise
+    save_file({"a": x.reshape(4, 3), "b": torch.zeros(2)}, str(tmp_path / "reshaped.safetensors"))
     assert notebook.same_tensors(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
-    for other in ("nudged", "renamed", "double"):
+    for other in ("nudged", "renamed", "double", "signed_zero", "reshaped"):
         assert not notebook.same_tensors(tmp_path / "one.safetensors", tmp_path / f"{other}.safetensors"), other

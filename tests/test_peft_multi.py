@@ -118,8 +118,14 @@ def test_combine_lora_refuses_dora_and_layers_that_no_adapter_covers(tmp_path):
     with pytest.raises(ValueError, match=r"blocks\.(0\.attention\.attention_dense|1\.attention\.attention_qkv) is adapted by none"):
         combine_lora(model, {"qkv0": 1.0, "dense1": 1.0}, name="mix")
     assert adapter_names(model) == ["qkv0", "dense1"]  # nothing was added
+    with pytest.raises(ValueError, match=r"'qvk0' is not a LoRA adapter of this model; it has \['dense1', 'qkv0'\]"):
+        combine_lora(model, {"qvk0": 1.0, "dense1": 1.0}, name="mix")  # a misspelt name
     with pytest.raises(ValueError, match="cannot share a layer"):
         load_adapters(model, dora, name="dora")
+    alone = tiny_model()  # the DoRA adapter on its own model: combine_lora refuses it
+    load_adapters(alone, dora, name="dora")
+    with pytest.raises(ValueError, match="'dora' is DoRA or PiSSA/OLoRA"):
+        combine_lora(alone, {"dora": 1.0}, name="mix")
 
 
 def test_a_second_named_adapter_trains_alone_and_removing_it_leaves_the_first(tmp_path):

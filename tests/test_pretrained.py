@@ -371,3 +371,22 @@ def test_build_model_skips_init_only_while_building_and_keeps_every_weight():
     for name, tensor in state.items():
         assert torch.equal(built.state_dict()[name], tensor), name
     assert built.rope_cos.device.type == "cpu" and not built.rope_cos.is_meta
+
+
+def test_building_a_model_imports_no_compiler_machinery():
+    """Random init on "meta" tensors imports torch._dynamo and sympy (~75 MiB kept by every decoding
+    process); build_model must not trigger it. In a fresh process, since other tests import them."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from lora_tutorial.model import GPT, GPTConfig
+from lora_tutorial.pretrained import build_model
+config = GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_seq_len=64)
+state = {k: v for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+build_model(config, state, torch.float32)
+print(sorted(m for m in ("sympy", "torch._dynamo") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

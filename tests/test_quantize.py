@@ -115,3 +115,15 @@ def test_a_bad_stored_layer_leaves_the_model_unchanged():
     with pytest.raises(CheckpointError, match=r"lm_head\.scale is \(\d+,\) torch.bfloat16; expected"):
         quantize_int8(model, state, source="cache.safetensors")
     assert not any(isinstance(m, Int8Linear) for m in model.modules())  # nothing was replaced
+
+
+def test_quantizing_in_row_chunks_gives_the_whole_matrix_recipe():
+    from lora_tutorial.quantize import QUANTIZE_ROWS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 2 * QUANTIZE_ROWS + 5, bias=False)  # three chunks, the last a partial one
+    q = Int8Linear(linear)
+    w = linear.weight.detach().float()
+    scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(torch.bfloat16)
+    assert torch.equal(q.scale, scale)
+    assert torch.equal(q.weight_int8, torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))

@@ -66,9 +66,13 @@ def combine_lora(model: GPT, weights: dict[str, float], name: str) -> LoraPEFTCo
     """
     if name in adapter_names(model):
         raise ValueError(f"combine_lora: the model already has an adapter named {name!r}")
+    lora_ranks = {c.adapter_name: c.adapter_dim for c in model.peft_configs if c.scheme == "lora"}
+    unknown = [n for n in weights if n not in lora_ranks]
+    if unknown:
+        raise ValueError(f"combine_lora: {unknown[0]!r} is not a LoRA adapter of this model; it has "
+                         f"{sorted(lora_ranks)}")
     layers = _lora_layers_by_target(model, list(weights))
-    ranks = {n: next(c.adapter_dim for c in model.peft_configs if c.adapter_name == n and c.scheme == "lora")
-             for n in weights}
+    ranks = {n: lora_ranks[n] for n in weights}
     for parts in layers.values():
         some = next(iter(parts.values()))
         d_out, d_in = some.lora_B.shape[0], some.lora_A.shape[1]
