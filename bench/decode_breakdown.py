@@ -1,0 +1,119 @@
+"""Where generation time goes: the figures behind the README's "what bounds decoding and evaluation".
+
+    python bench/decode_breakdown.py      # about 2 minutes on 2 cores; writes bench/decode_breakdown.json
+
+Three measurements, each in this one process (run nothing else meanwhile):
+
+* start-up: seconds and peak RSS of ``import lora_tutorial`` in a fresh interpreter;
+* batch-1 int8 decoding of the 194-token SQuAD prompt that ``make bench`` uses: the prefill, one
+  decoding step (mean of 30, best of 3 runs), and the same step with every int8 matrix product replaced
+  by a zero tensor of the right shape -- what is left is the cost of everything else in a step;
+* the EM/F1 evaluation ``make bench`` times (the base model, chat template, first 100 test questions,
+  bf16, batches of 16): the time spent in prefills and in decoding steps, and how many of each.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_FILE = REPO / "data/SQuAD/squad_short_train.jsonl"
+TEST_FILE = REPO / "data/SQuAD/splits/test.jsonl"
+
+
+def start_up() -> dict:
+    code = ("import resource, time; t = time.perf_counter(); import lora_tutorial; "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, rss = map(float, out.stdout.split())
+    return {"import_seconds": seconds, "import_peak_rss_mib": rss}
+
+
+def int8_decoding(steps: int = 30) -> dict:
+    from lora_tutorial.quantize import Int8Linear, load_int8_model
+
+    model, tokenizer = load_int8_model()
+    ids = torch.tensor([tokenizer.encode(json.loads(PROMPT_FILE.open().readline())["input"])])
+
+    @torch.no_grad()
+    def run() -> tuple[float, float]:
+        cache = model.new_cache(1, ids.shape[1] + steps + 1)
+        started = time.perf_counter()
+        token = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
+        prefilled = time.perf_counter()
+        for _ in range(steps):
+            token = model(token[:, None], cache=cache, last_only=True)[:, -1].argmax(-1)
+        return prefilled - started, (time.perf_counter() - prefilled) / steps
+
+    run()  # warm-up
+    prefill, step = min(run() for _ in range(3))
+    forward = Int8Linear.forward
+    Int8Linear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
+    try:
+        _, step_without_products = min(run() for _ in range(3))
+    finally:
+        Int8Linear.forward = forward
+    return {"prompt_tokens": ids.shape[1], "prefill_ms": 1000 * prefill, "step_ms": 1000 * step,
+            "step_without_matrix_products_ms": 1000 * step_without_products,
+            "weight_bytes_per_step": sum(m.weight_int8.numel() + 2 * m.scale.numel()
+                                         for m in model.modules() if isinstance(m, Int8Linear))}
+
+
+def evaluation(n: int = 100) -> dict:
+    from lora_tutorial.config import load_config
+    from lora_tutorial.evaluation import answer_dataset
+    from lora_tutorial.model import GPT
+    from lora_tutorial.precision import cast_frozen_weights
+    from lora_tutorial.sft_model import SFTModel
+
+    cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{TEST_FILE}]",
+                                                     f"model.data.test_ds.limit={n}"])
+    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
+    cast_frozen_weights(model.model.requires_grad_(False), torch.bfloat16)
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])  # calls, seconds, tokens (padding included)
+    forward = GPT.forward
+
+    def timed(self, input_ids, *args, **kwargs):
+        started = time.perf_counter()
+        out = forward(self, input_ids, *args, **kwargs)
+        total = totals["prefill" if input_ids.shape[1] > 1 else "step"]
+        total[0] += 1
+        total[1] += time.perf_counter() - started
+        total[2] += input_ids.numel()
+        return out
+
+    GPT.forward = timed
+    try:
+        result = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+    finally:
+        GPT.forward = forward
+    out = {"questions": n, "seconds": result.seconds, "f1": result.scores.f1}
+    for kind, (calls, seconds, tokens) in totals.items():
+        out[kind] = {"calls": calls, "seconds": seconds, "tokens": tokens}
+    return out
+
+
+def main() -> None:
+    from run import machine
+
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+               "command": "python bench/decode_breakdown.py", "start_up": start_up()}
+    print("start-up:", results["start_up"], flush=True)
+    results["int8_batch1"] = int8_decoding()
+    print("int8 batch 1:", results["int8_batch1"], flush=True)
+    results["evaluation_100"] = evaluation()
+    print("evaluation:", results["evaluation_100"], flush=True)
+    path = REPO / "bench" / "decode_breakdown.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
