@@ -9,10 +9,12 @@ The recipe (per-output-channel symmetric "absmax" quantization, the int8 weight-
 PyTorch's gpt-fast): for every row ``w`` of a weight matrix keep ``scale = max|w| / 127`` and
 ``q = round(w / scale)`` in int8, so that ``w ~= q * scale``. The rounding error of each weight is at
 most ``scale / 2``, i.e. under 0.4 % of the row's largest weight. A decoding step multiplies by ``q``
-directly (PyTorch's ``_weight_int8pack_mm`` kernel, the scale applied to the outputs); a prompt of many
-tokens is compute-bound instead, and there the matrix is dequantized to bf16 once and multiplied as
-usual. Whether int8 beats bf16 depends on the CPU and the batch (a CPU with AMX multiplies bf16 fast
-enough that the int8 kernel rarely wins): ``make bench`` measures both, and the README reports them.
+directly, the scale applied to the outputs: with the small C kernel of ``int8_kernel.py`` where it can be
+built (it streams the weights at about the machine's read bandwidth), else with PyTorch's
+``_weight_int8pack_mm``. A prompt of many tokens is compute-bound instead: there ``q`` is converted to
+bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch (at batch 1 it
+reads half the bytes; at batch 16 a CPU with AMX multiplies bf16 faster than int8 can be widened and
+multiplied): ``make bench`` measures both, and the README reports them.
 
 Quantizing reads every bf16 matrix, so the process that does it holds both copies for a moment.
 ``load_int8_model`` therefore quantizes the pretrained model once and caches the int8 matrices on disk:
@@ -37,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .files import atomic_path
+from .int8_kernel import int8_matmul
 from .model import GPT
 from .precision import cast_frozen_weights
 from .pretrained import DEFAULT_MODEL, CheckpointError, load_base_model, weights_cache_path
@@ -86,15 +89,24 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(torch.bfloat16) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if rows.shape[0] <= DECODE_ROWS and rows.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        x = x.to(torch.bfloat16)
+        if x.numel() <= DECODE_ROWS * self.in_features and x.device.type == "cpu":
+            y = self._decode(x)
         else:
-            y = F.linear(rows, self.dequantized())
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            # Many rows (a prompt) make the product compute-bound: multiply by the int8 matrix converted to
+            # bf16 (exact: every int8 value is a bf16 value) and scale the outputs, rather than building the
+            # dequantized matrix, which costs a pass over it and one more rounding of every weight.
+            y = F.linear(x, self.weight_int8.to(torch.bfloat16)) * self.scale
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The product for a few rows: the compiled kernel (int8_kernel.py) where it runs, else PyTorch's."""
+        if not (x.requires_grad and torch.is_grad_enabled()):  # the compiled kernel has no backward
+            y = int8_matmul(x, self.weight_int8, self.scale)
+            if y is not None:
+                return y
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"

@@ -1,0 +1,125 @@
+"""The int8 decoding kernel: ``int8_matvec.c``, compiled on first use and called through ctypes.
+
+Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
+the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` reached about half the memory
+bandwidth of the project's VM; the 60-line C kernel next to this file reaches about all of it (it asks
+for the weights 8 KiB before it needs them -- see its comment). ``make bench`` measures both.
+
+The kernel is compiled once per machine with the system C compiler (``cc``, or ``$CC``) for this CPU
+(``-march=native``) into the weight cache folder, under a name that hashes the source, the flags and the
+CPU, so that a changed kernel or a cache shared between different machines never loads a stale build.
+Where that is not possible (no compiler, a CPU without AVX-512, not Linux), or with
+``LORA_TUTORIAL_INT8_KERNEL=torch`` in the environment, ``int8_matmul`` returns None and the caller uses
+PyTorch's kernel: results agree to bf16 rounding either way. ``kernel_name()`` says which one runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .files import atomic_path
+from .pretrained import cache_dir
+
+SOURCE = Path(__file__).with_name("int8_matvec.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 16  # the kernel re-reads each block of weight rows from cache once per activation row
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw")
+log = logging.getLogger(__name__)
+
+
+def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``x @ (weight_int8 * scale[:, None]).T`` in bf16 for a bf16 ``x`` (..., in) of at most ``MAX_ROWS``
+    rows, or None when the compiled kernel cannot run here (see ``kernel_name``); ``scale``: bf16, one per row.
+
+    Called once per weight matrix and decoding step, so it does no more than it must in Python.
+    """
+    lib = _library()[0]
+    out_features, in_features = weight_int8.shape
+    rows = x.numel() // in_features
+    if lib is None or rows > MAX_ROWS:
+        return None
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
+    lib.int8_matmul(x.data_ptr(), weight_int8.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                    rows, in_features, out_features, torch.get_num_threads())
+    return y
+
+
+def kernel_name() -> str:
+    """Which kernel ``Int8Linear`` uses for decoding here, and why (for logs and benchmark records)."""
+    lib, reason = _library()
+    return "int8_matvec.c (compiled for this CPU)" if lib is not None else f"PyTorch _weight_int8pack_mm ({reason})"
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel (built on the first call of a process), or None and the reason it cannot be."""
+    reason = _unsupported()
+    if reason:
+        log.info("int8 kernel: using PyTorch's (%s)", reason)
+        return None, reason
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()[-500:]
+        log.warning("int8 kernel: could not build %s, using PyTorch's: %s", SOURCE.name, detail)
+        return None, f"the build failed: {detail.splitlines()[-1] if detail else error}"
+    lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.int8_matmul.restype = None
+    return lib, ""
+
+
+def _unsupported() -> str:
+    """Why the compiled kernel cannot be used here, or "" when it can."""
+    if os.environ.get("LORA_TUTORIAL_INT8_KERNEL", "").lower() == "torch":
+        return "LORA_TUTORIAL_INT8_KERNEL=torch"
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"needs Linux on x86-64, not {platform.system()} on {platform.machine()}"
+    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags().split()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if shutil.which(_compiler()) is None:
+        return f"no C compiler ({_compiler()!r} not found; set CC)"
+    return ""
+
+
+def _build() -> Path:
+    """Compile the kernel into the cache folder unless this exact build is there already; return its path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"|".join([source, " ".join(FLAGS).encode(), _compiler().encode(),
+                                    _cpu_flags().encode()])).hexdigest()[:16]
+    library = cache_dir() / f"int8_matvec-{key}.so"
+    if not library.exists():
+        with atomic_path(library) as tmp:
+            subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                           capture_output=True, text=True)
+    return library
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them ("" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ""
+
+
+__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name"]

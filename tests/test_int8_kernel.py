@@ -1,0 +1,151 @@
+"""The compiled int8 decoding kernel: the reference formula and PyTorch's kernel agree with it, and a
+machine where it cannot be built falls back to PyTorch's kernel instead of failing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lora_tutorial import int8_kernel
+from lora_tutorial.int8_kernel import MAX_ROWS, int8_matmul, kernel_name
+from lora_tutorial.quantize import Int8Linear
+
+# Where the CPU or the toolchain cannot run the kernel, the fallback tests below still run; only the tests
+# of the kernel's own arithmetic are skipped, and they say why.
+UNSUPPORTED = int8_kernel._unsupported()
+needs_kernel = pytest.mark.skipif(bool(UNSUPPORTED), reason=f"int8 kernel unsupported here: {UNSUPPORTED}")
+
+
+def quantized(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(out_features, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
+    return q, scale
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The definition, in float64: x @ (q * scale)^T."""
+    return x.double() @ (q.double() * scale.double()[:, None]).T
+
+
+@needs_kernel
+def test_the_kernel_builds_here():
+    assert kernel_name().startswith("int8_matvec.c")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, in_features, out_features", [
+    (1, 576, 960),   # the model's QKV projection at batch 1
+    (1, 1536, 576),  # its MLP down projection
+    (4, 576, 3072),
+    (16, 64, 36),    # the most rows the kernel takes
+    (3, 33, 7),      # a width that is not a multiple of 16 and a row count that is not one of 4
+    (2, 5, 1),
+])
+def test_kernel_matches_the_definition(rows, in_features, out_features):
+    q, scale = quantized(out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = int8_matmul(x, q, scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+    exact = reference(x, q, scale)
+    # Only the bf16 rounding of the result may differ (float32 sums in another order are far below it).
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+@needs_kernel
+def test_kernel_agrees_with_pytorchs_int8_kernel_and_keeps_leading_dimensions():
+    q, scale = quantized(960, 576)
+    x = torch.randn(2, 1, 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ours = int8_matmul(x, q, scale)
+    assert ours.shape == (2, 1, 960)
+    theirs = torch.ops.aten._weight_int8pack_mm(x.reshape(2, 576), q, scale).reshape(2, 1, 960)
+    # two correct roundings of nearly the same float32 sum: equal, or one bf16 step apart
+    assert ((ours.float() - theirs.float()).abs() <= theirs.float().abs() * 2**-7 + 1e-6).all()
+    assert (ours == theirs).float().mean() > 0.9
+
+
+@needs_kernel
+def test_kernel_reads_a_non_contiguous_input_as_its_values():
+    q, scale = quantized(8, 32)
+    x = torch.randn(32, 3).to(torch.bfloat16).T  # (3, 32), transposed view
+    assert torch.equal(int8_matmul(x, q, scale), int8_matmul(x.contiguous(), q, scale))
+
+
+def test_more_rows_than_the_kernel_takes_return_none():
+    q, scale = quantized(8, 32)
+    assert int8_matmul(torch.zeros(MAX_ROWS + 1, 32, dtype=torch.bfloat16), q, scale) is None
+
+
+def test_int8_linear_with_a_gradient_to_keep_uses_pytorchs_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr("lora_tutorial.quantize.int8_matmul", lambda *a: calls.append(a))
+    layer = Int8Linear(nn.Linear(32, 8, bias=False))
+    x = torch.randn(1, 32, requires_grad=True)
+    y = layer(x)  # the compiled kernel has no backward: it must not be asked
+    assert calls == [] and y.shape == (1, 8)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+# A fresh process (the kernel is chosen once per process): which kernel runs, and what one layer returns.
+PROBE = """
+import json, torch
+from torch import nn
+from lora_tutorial.int8_kernel import kernel_name
+from lora_tutorial.quantize import Int8Linear
+torch.manual_seed(0)
+layer = Int8Linear(nn.Linear(64, 32, bias=False))
+x = torch.randn(1, 64).to(torch.bfloat16)
+with torch.no_grad():
+    y = layer(x)
+theirs = torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scale)
+print(json.dumps({"kernel": kernel_name(), "same_as_pytorch": bool(torch.equal(y, theirs))}))
+"""
+
+
+def test_the_environment_can_choose_pytorchs_kernel(tmp_path):
+    out = run_python(PROBE, LORA_TUTORIAL_INT8_KERNEL="torch", LORA_TUTORIAL_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result == {"kernel": "PyTorch _weight_int8pack_mm (LORA_TUTORIAL_INT8_KERNEL=torch)",
+                      "same_as_pytorch": True}
+
+
+def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path):
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: no such compiler here' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    out = run_python(PROBE, CC=str(failing), LORA_TUTORIAL_CACHE=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["same_as_pytorch"] is True
+    if not UNSUPPORTED:  # with AVX-512 it tried to build, failed, and says so
+        assert result["kernel"] == "PyTorch _weight_int8pack_mm (the build failed: cc: error: no such compiler here)"
+        assert "could not build int8_matvec.c" in out.stderr
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
+
+
+@needs_kernel
+def test_the_build_is_cached_under_a_name_that_changes_with_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_TUTORIAL_CACHE", str(tmp_path))
+    first = int8_kernel._build()
+    assert first.parent == tmp_path and first.exists()
+    modified = tmp_path / "int8_matvec.c"
+    modified.write_text(int8_kernel.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(int8_kernel, "SOURCE", modified)
+    second = int8_kernel._build()
+    assert second != first and second.exists()
+    stamp = second.stat().st_mtime_ns
+    assert int8_kernel._build() == second and second.stat().st_mtime_ns == stamp  # reused, not rebuilt
