@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 from lora_tutorial import load_base_model
 from lora_tutorial.generation import (_apply_repetition_penalty, _filter_top_k_top_p, _seen_tokens, generate,
-                                      generate_ids, stop_token_ids)
+                                      generate_ids, next_tokens, stop_token_ids)
 from lora_tutorial.peft import LoraPEFTConfig, add_adapter
 
 from helpers import (logits, random_ids, randomize_adapters, save_hf_llama, tiny_gpt2_config, tiny_llama_config,
@@ -240,3 +240,14 @@ def test_an_end_token_that_holds_text_ends_the_row_at_once():
     first = free[0]  # like "Paris\n": an end token (it holds a newline) that is not blank
     kept = generate_ids(model, [[5, 6, 7]], tokens_to_generate=8, end_ids=[first], blank_ids=[free[1]])[0]
     assert kept == free[:1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_choice_is_argmax_with_its_tie_and_nan_rules(dtype):
+    logits = torch.randn(4, 49152).to(dtype)
+    logits[1, [17, 4000]] = 50.0  # a tie: the first index wins
+    logits[2, 123] = float("nan")  # NaN counts as the maximum, as in argmax
+    logits[3] = 0.0  # all equal
+    chosen = next_tokens(logits, greedy=True, temperature=1.0, top_k=0, top_p=1.0)
+    assert torch.equal(chosen, logits.argmax(-1))
+    assert chosen[1:].tolist() == [17, 123, 0]
