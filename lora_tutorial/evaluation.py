@@ -26,6 +26,7 @@ from .files import write_jsonl
 from .metrics import Scores, score_predictions
 from .peft import adapter_parameters, disable_adapters
 from .peft.lora import merged_for_inference
+from .prepack import packed_for_evaluation
 from .progress import progress_bar
 from .quantize import quantize_int8
 from .sft_model import SFTModel, collect_predictions
@@ -55,7 +56,8 @@ def answer_dataset(model: SFTModel, ds_cfg: DictConfig, use_chat_template: bool 
                         collate_fn=model.collator())
     prompts, answers, golds = [], [], []
     started = time.perf_counter()
-    with merged_for_inference(model.model):  # one matmul per adapted layer instead of three
+    # one matmul per adapted layer instead of three; then bf16 weights packed once for oneDNN (prepack.py)
+    with merged_for_inference(model.model), packed_for_evaluation(model.model):
         for batch in progress_bar(loader, desc=desc, unit="batch", disable=not progress):
             answers += model.generate_answers(batch, use_chat_template=use_chat_template, greedy=True)
             golds += batch["answers"]

@@ -33,6 +33,7 @@ from .model import GPT
 from .peft import PEFTConfig, ParameterSummary, add_adapter, load_adapters
 from .peft.lora import merged_for_inference
 from .precision import cast_frozen_weights
+from .prepack import packed_for_evaluation
 from .pretrained import load_base_model
 from .qlora import quantize_base
 from .sampler import ResumableRandomSampler
@@ -254,21 +255,23 @@ class SFTModel(pl.LightningModule):
 
 class MergedWhileGenerating(pl.Callback):
     """Validation and prediction only read the model, so LoRA runs merged there (one matmul per adapted
-    layer instead of three: ``peft.lora.merged_for_inference``); the base weights are put back exactly when
-    the loop ends, and also when it fails or is interrupted (``on_exception``), so training never resumes
-    on merged weights."""
+    layer instead of three: ``peft.lora.merged_for_inference``) with its bf16 weights packed for oneDNN
+    (``prepack.packed_for_evaluation``); the base weights are put back exactly when the loop ends, and also
+    when it fails or is interrupted (``on_exception``), so training never resumes on merged weights."""
 
     def __init__(self) -> None:
-        self._merged: contextlib.AbstractContextManager | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     def _enter(self, pl_module: pl.LightningModule) -> None:
-        self._merged = merged_for_inference(pl_module.model)
-        self._merged.__enter__()
+        self._exit()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(merged_for_inference(pl_module.model))
+        self._stack.enter_context(packed_for_evaluation(pl_module.model))  # after merging: pack the merged weights
 
     def _exit(self, *_: Any) -> None:
-        if self._merged is not None:
-            self._merged.__exit__(None, None, None)
-            self._merged = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter(pl_module)
