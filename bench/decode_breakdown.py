@@ -6,10 +6,12 @@ Three measurements, each in this one process (run nothing else meanwhile):
 
 * start-up: seconds and peak RSS of ``import lora_tutorial`` in a fresh interpreter;
 * batch-1 int8 decoding of the 194-token SQuAD prompt that ``make bench`` uses: the prefill, one
-  decoding step (mean of 30, best of 3 runs), and the same step with every int8 matrix product replaced
-  by a zero tensor of the right shape -- what is left is the cost of everything else in a step;
+  decoding step (mean of 30, best of 3 runs), the same step with PyTorch's int8 kernel instead of the
+  compiled one (int8_kernel.py), and with every int8 matrix product replaced by a zero tensor of the
+  right shape -- what is left is the cost of everything else in a step;
 * the EM/F1 evaluation ``make bench`` times (the base model, chat template, first 100 test questions,
-  bf16, batches of 16): the time spent in prefills and in decoding steps, and how many of each.
+  bf16, batches of 16): the time spent in prefills and in decoding steps, and how many of each; then the
+  same evaluation without the pre-packed weights (prepack.py), alternating, best of 2 each.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def start_up() -> dict:
 
 
 def int8_decoding(steps: int = 30) -> dict:
+    from lora_tutorial import quantize
+    from lora_tutorial.int8_kernel import int8_matmul, kernel_name
     from lora_tutorial.quantize import Int8Linear, load_int8_model
 
     model, tokenizer = load_int8_model()
@@ -54,19 +58,26 @@ def int8_decoding(steps: int = 30) -> dict:
 
     run()  # warm-up
     prefill, step = min(run() for _ in range(3))
+    quantize.int8_matmul = lambda *args: None  # what Int8Linear does where the kernel cannot be built
+    try:
+        _, step_pytorch_kernel = min(run() for _ in range(3))
+    finally:
+        quantize.int8_matmul = int8_matmul
     forward = Int8Linear.forward
     Int8Linear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
     try:
         _, step_without_products = min(run() for _ in range(3))
     finally:
         Int8Linear.forward = forward
-    return {"prompt_tokens": ids.shape[1], "prefill_ms": 1000 * prefill, "step_ms": 1000 * step,
+    return {"kernel": kernel_name(), "prompt_tokens": ids.shape[1], "prefill_ms": 1000 * prefill,
+            "step_ms": 1000 * step, "step_with_pytorch_int8_kernel_ms": 1000 * step_pytorch_kernel,
             "step_without_matrix_products_ms": 1000 * step_without_products,
             "weight_bytes_per_step": sum(m.weight_int8.numel() + 2 * m.scale.numel()
                                          for m in model.modules() if isinstance(m, Int8Linear))}
 
 
 def evaluation(n: int = 100) -> dict:
+    from lora_tutorial import prepack
     from lora_tutorial.config import load_config
     from lora_tutorial.evaluation import answer_dataset
     from lora_tutorial.model import GPT
@@ -97,6 +108,20 @@ def evaluation(n: int = 100) -> dict:
     out = {"questions": n, "seconds": result.seconds, "f1": result.scores.f1}
     for kind, (calls, seconds, tokens) in totals.items():
         out[kind] = {"calls": calls, "seconds": seconds, "tokens": tokens}
+    # The pre-packed weights, one lever at a time: with and without, alternating (this VM's speed drifts).
+    packs = prepack.packing_pays
+    times: dict[str, list[float]] = {"packed": [], "plain": []}
+    for _ in range(2):
+        for name in times:
+            prepack.packing_pays = packs if name == "packed" else (lambda model: False)
+            try:
+                again = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+            finally:
+                prepack.packing_pays = packs
+            if again.answers != result.answers:
+                raise AssertionError(f"evaluation with {name} weights gave other answers")
+            times[name].append(again.seconds)
+    out["seconds_packed_weights"], out["seconds_plain_weights"] = min(times["packed"]), min(times["plain"])
     return out
 
 

@@ -215,10 +215,15 @@ def cmd_decode(args) -> dict:
         started = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - started)
-    return {"impl": args.impl, "precision": args.precision, "batch": args.batch, "prompt_tokens": len(ids),
-            "new_tokens": args.tokens,
-            "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "weight_bytes": read,
-            "peak_rss_mb": peak_rss_mb()}
+    result = {"impl": args.impl, "precision": args.precision, "batch": args.batch, "prompt_tokens": len(ids),
+              "new_tokens": args.tokens,
+              "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "weight_bytes": read,
+              "peak_rss_mb": peak_rss_mb()}
+    if args.impl == "ours" and args.precision == "int8":
+        from lora_tutorial.int8_kernel import kernel_name
+
+        result["int8_kernel"] = kernel_name()
+    return result
 
 
 def cmd_lossparity(args) -> dict:
