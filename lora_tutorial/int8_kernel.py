@@ -2,7 +2,7 @@
 
 Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
 the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` reached about half the memory
-bandwidth of the project's VM; the 60-line C kernel next to this file reaches about all of it (it asks
+bandwidth of the project's VM; the page of C next to this file reaches about all of it (it asks
 for the weights 8 KiB before it needs them -- see its comment). ``make bench`` measures both.
 
 The kernel is compiled once per machine with the system C compiler (``cc``, or ``$CC``) for this CPU
@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,24 +33,31 @@ from .pretrained import cache_dir
 
 SOURCE = Path(__file__).with_name("int8_matvec.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = 16  # the kernel re-reads each block of weight rows from cache once per activation row
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw")
+MAX_ROWS = 16  # more rows make the product compute-bound (the kernel re-reads each weight block per 4 rows)
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 log = logging.getLogger(__name__)
 
 
 def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """``x @ (weight_int8 * scale[:, None]).T`` in bf16 for a bf16 ``x`` (..., in) of at most ``MAX_ROWS``
+    """``x @ (weight_int8 * scale[:, None]).T`` in bf16 for a bf16 CPU ``x`` (..., in) of at most ``MAX_ROWS``
     rows, or None when the compiled kernel cannot run here (see ``kernel_name``); ``scale``: bf16, one per row.
 
-    Called once per weight matrix and decoding step, so it does no more than it must in Python.
+    Called once per weight matrix and decoding step, so it checks only what the C code relies on.
     """
     lib = _library()[0]
     out_features, in_features = weight_int8.shape
     rows = x.numel() // in_features
     if lib is None or rows > MAX_ROWS:
         return None
+    if x.shape[-1] != in_features or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"int8_matmul: expected x of shape (..., {in_features}), bf16, on the CPU; "
+                         f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if not (weight_int8.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (out_features,)
+            and weight_int8.is_contiguous() and scale.is_contiguous()):
+        raise ValueError(f"int8_matmul: expected a contiguous int8 matrix and {out_features} contiguous bf16 "
+                         f"scales; got {weight_int8.dtype} and {tuple(scale.shape)} {scale.dtype}")
     x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.bfloat16, device="cpu")
     lib.int8_matmul(x.data_ptr(), weight_int8.data_ptr(), scale.data_ptr(), y.data_ptr(),
                     rows, in_features, out_features, torch.get_num_threads())
     return y
@@ -69,14 +77,24 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         log.info("int8 kernel: using PyTorch's (%s)", reason)
         return None, reason
     try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = (getattr(error, "stderr", None) or str(error)).strip()[-500:]
-        log.warning("int8 kernel: could not build %s, using PyTorch's: %s", SOURCE.name, detail)
-        return None, f"the build failed: {detail.splitlines()[-1] if detail else error}"
+        lib = _load(_build())
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip()
+        log.warning("int8 kernel: could not build %s, using PyTorch's: %s", SOURCE.name, detail[-1000:])
+        errors = [line for line in detail.splitlines() if "error" in line.lower()]
+        return None, f"the build failed: {(errors or detail.splitlines() or [type(error).__name__])[0]}"
     lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.int8_matmul.restype = None
     return lib, ""
+
+
+def _load(library: Path) -> ctypes.CDLL:
+    """Load a built kernel; a file that does not load (cut short by a crash, say) is built again once."""
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError:
+        library.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_build()))
 
 
 def _unsupported() -> str:
@@ -88,26 +106,28 @@ def _unsupported() -> str:
     missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags().split()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    if shutil.which(_compiler()) is None:
-        return f"no C compiler ({_compiler()!r} not found; set CC)"
+    if shutil.which(_compiler()[0]) is None:
+        return f"no C compiler ({_compiler()[0]!r} not found; set CC)"
     return ""
 
 
 def _build() -> Path:
     """Compile the kernel into the cache folder unless this exact build is there already; return its path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"|".join([source, " ".join(FLAGS).encode(), _compiler().encode(),
-                                    _cpu_flags().encode()])).hexdigest()[:16]
+    compiler = _compiler()
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("|".join([SOURCE.read_text(), " ".join(FLAGS), " ".join(compiler), version,
+                                   _cpu_flags()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"int8_matvec-{key}.so"
     if not library.exists():
-        with atomic_path(library) as tmp:
-            subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
-                           capture_output=True, text=True)
+        with atomic_path(library) as tmp:  # concurrent first uses each build, and one rename wins
+            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
+                           text=True, timeout=300)
     return library
 
 
-def _compiler() -> str:
-    return os.environ.get("CC", "cc")
+def _compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (which may carry arguments, as in "ccache gcc") or ``cc``."""
+    return shlex.split(os.environ.get("CC", "cc")) or ["cc"]
 
 
 @functools.cache

@@ -17,7 +17,7 @@ nothing where it would not pay or cannot run: no AMX, no oneDNN, float32 weights
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,14 @@ def packed_for_evaluation(model: nn.Module) -> Iterator[int]:
     weight; afterwards they are plain layers again. Yields how many layers were packed.
 
     Pack after ``merged_for_inference`` (the merged weights are the ones to pack) and do not change a
-    packed layer's weight inside the block: the packed copy would not follow.
+    packed layer's weight inside the block: the packed copy would not follow. Inside the block the model
+    cannot be pickled or deep-copied (the packed forwards are closures); nested blocks pack nothing more.
     """
     packed: list[nn.Linear] = []
     try:
         for layer in [m for m in model.modules() if _packable(m)] if packing_pays(model) else []:
+            if "forward" in vars(layer):  # already packed by an enclosing block (or given a forward of its own)
+                continue
             weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 16)  # 16: rows it expects
             # An instance attribute shadows nn.Linear.forward for this module only; deleting it restores the class's.
             layer.forward = _packed_forward(layer, weight)
@@ -61,13 +64,15 @@ def packed_for_evaluation(model: nn.Module) -> Iterator[int]:
             del layer.forward
 
 
-def _packed_forward(layer: nn.Linear, packed: torch.Tensor):
-    """``layer``'s forward, through ``packed`` for up to ``PACKED_MAX_ROWS`` rows without gradients."""
+def _packed_forward(layer: nn.Linear, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``layer``'s forward, through ``packed`` for up to ``PACKED_MAX_ROWS`` bf16 rows without gradients."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // layer.in_features
-        if rows > PACKED_MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
+        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        if rows > PACKED_MAX_ROWS or not bf16 or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, layer.weight, layer.bias)
-        # what autocast would hand the bf16 layer (the model runs its bf16 weights under bf16 autocast)
+        # what bf16 autocast hands the layer (the model runs its bf16 weights under bf16 autocast)
         bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
         return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
     return forward

@@ -84,3 +84,25 @@ def test_a_failure_while_packing_restores_the_layers_packed_so_far(monkeypatch):
         with packed_for_evaluation(model):
             pass
     assert len(calls) == 2 and not any("forward" in vars(m) for m in model)
+
+
+@needs_amx
+def test_nested_blocks_pack_once_and_unpack_in_order():
+    layer = frozen_bf16_linear(64, 32, False)
+    with packed_for_evaluation(layer) as outer:
+        forward = vars(layer)["forward"]
+        with packed_for_evaluation(layer) as inner:
+            assert (outer, inner) == (1, 0) and vars(layer)["forward"] is forward
+        assert vars(layer)["forward"] is forward  # the inner block did not take the outer one's away
+    assert "forward" not in vars(layer)
+
+
+@needs_amx
+def test_a_float32_input_without_autocast_gets_what_the_plain_layer_gives():
+    layer = frozen_bf16_linear(64, 32, False)
+    x = torch.randn(2, 64)
+    with packed_for_evaluation(layer), pytest.raises(RuntimeError) as packed_error:
+        layer(x)  # float32 input, bf16 weight, no autocast: the plain layer refuses it, and so must this
+    with pytest.raises(RuntimeError) as plain_error:
+        layer(x)
+    assert str(packed_error.value) == str(plain_error.value)
