@@ -102,13 +102,14 @@ def test_a_wrong_input_is_one_clear_error_not_a_write_out_of_bounds(x, expected)
 def test_int8_linear_passes_gradients_to_its_input(monkeypatch):
     calls = []
     monkeypatch.setattr("lora_tutorial.quantize.int8_matmul", lambda *a: calls.append(a))
+    torch.manual_seed(0)
     layer = Int8Linear(nn.Linear(32, 8, bias=False))
     x = torch.randn(1, 32, requires_grad=True)
     y = layer(x)  # neither int8 kernel has a backward: the differentiable path must run
     y.float().sum().backward()
     assert calls == [] and x.grad is not None
-    expected = layer.dequantized().float().sum(0)  # d(sum of outputs)/dx
-    assert torch.allclose(x.grad, expected, rtol=2e-2, atol=1e-3)
+    expected = layer.dequantized().float().sum(0)  # d(sum of outputs)/dx, up to the bf16 of the backward pass
+    assert (x.grad - expected).abs().max() <= 2**-6 * expected.abs().max()
     with torch.no_grad():
         layer(x)
     assert len(calls) == 1
