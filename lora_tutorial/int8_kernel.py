@@ -1,9 +1,10 @@
 """The int8 decoding kernel: ``int8_matvec.c``, compiled on first use and called through ctypes.
 
 Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
-the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` reached about half the memory
-bandwidth of the project's VM; the page of C next to this file reaches about all of it (it asks
-for the weights 8 KiB before it needs them -- see its comment). ``make bench`` measures both.
+the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` streams them well below the
+memory bandwidth of the project's VM; the page of C next to this file gets much closer (it asks for the
+weights 8 KiB before it needs them -- see its comment). ``bench/kernels.json`` and
+``bench/decode_breakdown.json`` measure both.
 
 The kernel is compiled once per machine with the system C compiler (``cc``, or ``$CC``) for this CPU
 (``-march=native``) into the weight cache folder, under a name that hashes the source, the flags and the

@@ -13,8 +13,8 @@
  *    sums are float32 sums of the exact products, added in another order than a plain loop would.
  * 2. Software prefetch PREFETCH_BYTES ahead. The rows of one matrix lie one after another, so the kernel
  *    reads one long stream; the hardware prefetcher stops at every 4 KiB page and restarts slowly, which
- *    left PyTorch's int8 kernel at about half of the memory bandwidth on the project's VM. Asking for the
- *    cache line 8 KiB ahead keeps enough reads in flight (bench/README: 2x on the model's matrices).
+ *    left PyTorch's int8 kernel well below the memory bandwidth on the project's VM. Asking for the
+ *    cache line 8 KiB ahead keeps enough reads in flight (bench/kernels.json: ours against PyTorch's).
  *    A prefetch never faults, so reading ahead past the end of a matrix is harmless.
  *
  * Needs AVX-512 F, BW and VL (int8_kernel.py checks the CPU first and uses PyTorch's kernel otherwise).

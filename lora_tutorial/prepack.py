@@ -3,10 +3,11 @@
 On a CPU, ``F.linear`` with a bf16 weight calls oneDNN, whose AMX kernels want the weight in a blocked
 layout of their own; given a plain (out, in) matrix they rearrange it on every call. A decoding step
 multiplies a few rows by every matrix of the model, so that rearranging is a large part of its time:
-on the project's VM, the 120 block matrices multiplied by 16 rows took 26.7 ms per step from plain
-weights and 19.9 ms from weights packed beforehand (bench/README). A prompt of thousands of rows is
-faster from the plain matrix (oneDNN picks another blocking for it), so packed weights are used only up
-to ``PACKED_MAX_ROWS`` rows. The results are bit for bit those of ``F.linear`` (tested).
+on the project's VM, the 120 block matrices multiplied by 16 rows took 24.9 ms from plain weights and
+17.1 ms from weights packed beforehand (``bench/kernels.json``). A prompt of thousands of rows gains
+nothing (about 370 ms either way for 3,680 rows; by hand, plain was faster from ~256 rows up), so packed
+weights are used only up to ``PACKED_MAX_ROWS`` rows. The results are bit for bit those of
+``F.linear`` (tested).
 
 An evaluation generates answers for hundreds of questions, so ``packed_for_evaluation`` packs every
 frozen bf16 ``nn.Linear`` of the model once (about 0.1 s, and a packed copy of the weights in memory:
