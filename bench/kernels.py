@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +60,9 @@ def int8_products() -> dict:
     out = {"kernel": kernel_name(), "weight_bytes": sum(q.numel() for q, _ in weights)}
     for rows in (1, 4, 16):
         xs = {width: torch.randn(rows, width).to(torch.bfloat16) for width in (576, 1536)}
-        ours = best_ms(each(lambda i: int8_matmul(xs[weights[i][0].shape[1]], *weights[i]), len(weights)))
-        theirs = best_ms(each(lambda i: torch.ops.aten._weight_int8pack_mm(xs[weights[i][0].shape[1]], *weights[i]),
-                              len(weights)))
+        ours = best_ms(each(lambda i, xs=xs: int8_matmul(xs[weights[i][0].shape[1]], *weights[i]), len(weights)))
+        theirs = best_ms(each(lambda i, xs=xs: torch.ops.aten._weight_int8pack_mm(xs[weights[i][0].shape[1]],
+                                                                                  *weights[i]), len(weights)))
         out[f"rows_{rows}"] = {"compiled_ms": ours, "pytorch_ms": theirs,
                                "compiled_gb_per_s": out["weight_bytes"] / ours / 1e6,
                                "pytorch_gb_per_s": out["weight_bytes"] / theirs / 1e6}
@@ -77,9 +77,10 @@ def bf16_prepacked() -> dict:
     for rows in (16, 3680):
         xs = {width: torch.randn(rows, width).to(torch.bfloat16) for width in (576, 1536)}
         passes = 5 if rows == 16 else 2
-        plain = best_ms(each(lambda i: F.linear(xs[weights[i].shape[1]], weights[i]), len(weights)), passes)
-        fast = best_ms(each(lambda i: torch.ops.mkldnn._linear_pointwise(xs[weights[i].shape[1]], packed[i], None,
-                                                                         "none", [], ""), len(weights)), passes)
+        plain = best_ms(each(lambda i, xs=xs: F.linear(xs[weights[i].shape[1]], weights[i]), len(weights)), passes)
+        fast = best_ms(each(lambda i, xs=xs: torch.ops.mkldnn._linear_pointwise(xs[weights[i].shape[1]], packed[i],
+                                                                                None, "none", [], ""),
+                            len(weights)), passes)
         same = all(torch.equal(F.linear(xs[w.shape[1]], w),
                                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], ""))
                    for w, p in zip(weights[:4], packed[:4]))
@@ -91,8 +92,8 @@ def greedy() -> dict:
     out = {}
     for rows in (1, 16):
         logits = torch.randn(rows, LM_HEAD[0]).to(torch.bfloat16)
-        out[f"rows_{rows}"] = {"argmax_us": 1000 * best_ms(lambda: logits.argmax(-1), passes=200),
-                               "max_indices_us": 1000 * best_ms(lambda: logits.max(-1).indices, passes=200)}
+        out[f"rows_{rows}"] = {"argmax_us": 1000 * best_ms(lambda x=logits: x.argmax(-1), passes=200),
+                               "max_indices_us": 1000 * best_ms(lambda x=logits: x.max(-1).indices, passes=200)}
     return out
 
 

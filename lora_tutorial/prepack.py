@@ -18,7 +18,7 @@ nothing where it would not pay or cannot run: no AMX, no oneDNN, float32 weights
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

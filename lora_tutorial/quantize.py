@@ -10,7 +10,7 @@ PyTorch's gpt-fast): for every row ``w`` of a weight matrix keep ``scale = max|w
 ``q = round(w / scale)`` in int8, so that ``w ~= q * scale``. The rounding error of each weight is at
 most ``scale / 2``, i.e. under 0.4 % of the row's largest weight. A decoding step multiplies by ``q``
 directly, the scale applied to the outputs: with the small C kernel of ``int8_kernel.py`` where it can be
-built (it streams the weights at about the machine's read bandwidth), else with PyTorch's
+built (it streams the weights faster than PyTorch's kernel: ``bench/kernels.json``), else with PyTorch's
 ``_weight_int8pack_mm``. A prompt of many tokens is compute-bound instead: there ``q`` is converted to
 bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch (at batch 1 it
 reads half the bytes; at batch 16 a CPU with AMX multiplies bf16 faster than int8 can be widened and
