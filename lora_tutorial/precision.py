@@ -60,6 +60,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 F, BW, VL and DQ (what PyTorch's own AVX512 kernels need, and the int8
+    decoding kernel of ``int8_kernel.py``)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where bf16 attention is the fast one."""
     return bool(torch.cpu._is_amx_tile_supported())

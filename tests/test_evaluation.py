@@ -3,6 +3,7 @@ answers), the base-vs-tuned comparison, the predictions file, and SFTModel's gen
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lora_tutorial.config import load_config
 from lora_tutorial.evaluation import Evaluation, answer_dataset, compare_base_and_tuned, evaluate, write_predictions
 from lora_tutorial.metrics import score_predictions
 from lora_tutorial.peft import LoraPEFTConfig, adapter_names, disable_adapters, save_adapters
+from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import Int8Linear
 from lora_tutorial.sft_data import SFTCollator
 from lora_tutorial.sft_model import SFTModel
@@ -170,3 +172,34 @@ def test_write_predictions_is_one_line_per_question(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"input": "q1", "prediction": "a1", "answers": ["g1"]},
         {"input": "q2", "prediction": "a2", "answers": ["g2", "g3"]}]
+
+
+@pytest.mark.skipif(not cpu_has_amx(), reason="weights are pre-packed only on CPUs with AMX")
+def test_evaluation_packs_the_bf16_weights_and_answers_as_without(test_cfg, monkeypatch):
+    from lora_tutorial import prepack
+
+    model = tuned_sft(test_cfg)
+    cast_frozen_weights(model.model, torch.bfloat16)
+    cfg = test_cfg.copy()
+    OmegaConf.update(cfg, "trainer.enable_progress_bar", False)
+    OmegaConf.update(cfg, "trainer.accelerator", "cpu")
+    packed_counts = []
+    real = prepack.packed_for_evaluation
+
+    @contextlib.contextmanager
+    def counting(module):
+        with real(module) as n:
+            packed_counts.append(n)
+            yield n
+
+    monkeypatch.setattr("lora_tutorial.evaluation.packed_for_evaluation", counting)
+    monkeypatch.setattr("lora_tutorial.sft_model.packed_for_evaluation", counting)
+    direct = answer_dataset(model, cfg.model.data.test_ds, progress=False)
+    predicted = evaluate(cfg, model=model)
+    # both ways in packed every block's four matrices and the LM head, once
+    assert packed_counts == [4 * model.model.config.n_layer + 1] * 2
+    monkeypatch.setattr(prepack, "packing_pays", lambda module: False)
+    plain = answer_dataset(model, cfg.model.data.test_ds, progress=False)
+    assert direct.answers == plain.answers and dict(zip(predicted.prompts, predicted.answers)) == dict(
+        zip(plain.prompts, plain.answers))
+    assert not any("forward" in vars(m) for m in model.model.modules())  # plain layers again
