@@ -104,4 +104,4 @@ def autocast_like(weight: torch.Tensor) -> Iterator[None]:
 
 
 __all__ = ["cast_frozen_weights", "autocast_like", "matmul_dtype", "trainable_dtype", "cpu_has_native_bf16",
-           "cpu_has_amx"]
+           "cpu_has_amx", "cpu_has_avx512"]
