@@ -6,9 +6,11 @@ Three measurements, each in this one process (run nothing else meanwhile):
 
 * start-up: seconds and peak RSS of ``import lora_tutorial`` in a fresh interpreter;
 * batch-1 int8 decoding of the 194-token SQuAD prompt that ``make bench`` uses: the prefill, one
-  decoding step (mean of 30, best of 3 runs), the same step with PyTorch's int8 kernel instead of the
-  compiled one (int8_kernel.py), and with every int8 matrix product replaced by a zero tensor of the
-  right shape -- what is left is the cost of everything else in a step;
+  decoding step (mean of 30, best of 3 runs) with each block in one C call (decode_step.py, as
+  ``generate_ids`` runs it) and through the model's PyTorch blocks; then, through the PyTorch blocks,
+  the step with PyTorch's int8 kernel instead of the compiled one (int8_kernel.py), and with every int8
+  matrix product replaced by a zero tensor of the right shape -- what is left is the cost of everything
+  else in a step;
 * the EM/F1 evaluation ``make bench`` times (the base model, chat template, first 100 test questions,
   bf16, batches of 16): the time spent in prefills and in decoding steps, and how many of each; then the
   same evaluation without the pre-packed weights (prepack.py), alternating, best of 2 each.
@@ -40,6 +42,7 @@ def start_up() -> dict:
 
 def int8_decoding(steps: int = 30) -> dict:
     from lora_tutorial import quantize
+    from lora_tutorial.decode_step import block_runner, unfused_reason
     from lora_tutorial.int8_kernel import int8_matmul, kernel_name
     from lora_tutorial.quantize import Int8Linear, load_int8_model
 
@@ -47,8 +50,10 @@ def int8_decoding(steps: int = 30) -> dict:
     ids = torch.tensor([tokenizer.encode(json.loads(PROMPT_FILE.open().readline())["input"])])
 
     @torch.no_grad()
-    def run() -> tuple[float, float]:
+    def run(fused: bool = False) -> tuple[float, float]:
         cache = model.new_cache(1, ids.shape[1] + steps + 1)
+        if fused:  # as generate_ids does: each step's blocks through decode_block.c
+            cache.decode_blocks = block_runner(model, cache)
         started = time.perf_counter()
         token = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
         prefilled = time.perf_counter()
@@ -58,6 +63,10 @@ def int8_decoding(steps: int = 30) -> dict:
 
     run()  # warm-up
     prefill, step = min(run() for _ in range(3))
+    run(fused=True)
+    _, step_fused = min(run(fused=True) for _ in range(3))
+    with torch.no_grad():  # a cache as generate_ids makes one
+        fused_or_why = unfused_reason(model, model.new_cache(1, 8)) or "every block in one C call"
     quantize.int8_matmul = lambda *args: None  # what Int8Linear does where the kernel cannot be built
     try:
         _, step_pytorch_kernel = min(run() for _ in range(3))
@@ -70,6 +79,7 @@ def int8_decoding(steps: int = 30) -> dict:
     finally:
         Int8Linear.forward = forward
     return {"kernel": kernel_name(), "prompt_tokens": ids.shape[1], "prefill_ms": 1000 * prefill,
+            "step_fused_ms": 1000 * step_fused, "fused": fused_or_why,
             "step_ms": 1000 * step, "step_with_pytorch_int8_kernel_ms": 1000 * step_pytorch_kernel,
             "step_without_matrix_products_ms": 1000 * step_without_products,
             "weight_bytes_per_step": sum(m.weight_int8.numel() + 2 * m.scale.numel()

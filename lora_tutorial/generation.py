@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
+
+from .decode_step import block_runner
 from .model import GPT
 from .progress import progress_bar
 from .tokenizer import Tokenizer
@@ -117,6 +119,8 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     blank = torch.tensor(sorted(set(blank_ids)) or [-1], device=device)
     has_text = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
+    if cache is not None:
+        cache.decode_blocks = block_runner(model, cache)  # decoding steps in fewer calls, where it can
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = _seen_tokens(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None
     out: list[torch.Tensor] = []

@@ -33,7 +33,8 @@ from .files import atomic_path
 from .precision import cpu_has_avx512
 from .pretrained import cache_dir
 
-SOURCE = Path(__file__).with_name("int8_matvec.c")
+# The int8 products, and a block's whole decoding step built on them (decode_step.py): one library.
+SOURCES = (Path(__file__).with_name("int8_matvec.c"), Path(__file__).with_name("decode_block.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 16  # more rows make the product compute-bound (the kernel re-reads each weight block per 4 rows)
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
 
     Called once per weight matrix and decoding step, so it checks only what the C code relies on.
     """
-    lib = _library()[0]
+    lib = library()
     out_features, in_features = weight_int8.shape
     rows = x.numel() // in_features
     if lib is None or rows > MAX_ROWS:
@@ -70,6 +71,11 @@ def kernel_name() -> str:
     return "int8_matvec.c (compiled for this CPU)" if lib is not None else f"PyTorch _weight_int8pack_mm ({reason})"
 
 
+def library() -> ctypes.CDLL | None:
+    """The compiled library (``int8_matmul`` and ``decode_block``), or None where it cannot run here."""
+    return _library()[0]
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The compiled kernel (built on the first call of a process), or None and the reason it cannot be."""
@@ -81,12 +87,27 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         lib = _load(_build())
     except (OSError, subprocess.SubprocessError) as error:
         detail = (getattr(error, "stderr", None) or str(error)).strip()
-        log.warning("int8 kernel: could not build %s, using PyTorch's: %s", SOURCE.name, detail[-1000:])
+        log.warning("int8 kernel: could not build %s, using PyTorch's: %s", " + ".join(s.name for s in SOURCES),
+                    detail[-1000:])
         errors = [line for line in detail.splitlines() if "error" in line.lower()]
         return None, f"the build failed: {(errors or detail.splitlines() or [type(error).__name__])[0]}"
     lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.int8_matmul.restype = None
+    _declare_decode_block(lib)
     return lib, ""
+
+
+def _declare_decode_block(lib: ctypes.CDLL) -> None:
+    """Argument types of decode_block.c's functions (pointers, sizes, the norm's eps, thread count)."""
+    pointer, size, eps, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    step = [size, pointer, size, pointer, pointer, pointer]  # rows, positions, column, visible, cos, sin_signed
+    signatures = {"add_and_norm": [pointer, pointer, pointer, eps, size, size, pointer],
+                  "attention_step": [pointer, pointer, pointer, pointer, *step, pointer, threads],
+                  "swiglu_rows": [pointer, size, size, pointer],
+                  "decode_block": [pointer, pointer, eps, pointer, *step, threads]}
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
 
 
 def _load(library: Path) -> ctypes.CDLL:
@@ -115,12 +136,12 @@ def _build() -> Path:
     """Compile the kernel into the cache folder unless this exact build is there already; return its path."""
     compiler = _compiler()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
-    key = hashlib.sha256("|".join([SOURCE.read_text(), " ".join(FLAGS), " ".join(compiler), version,
+    key = hashlib.sha256("|".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), " ".join(compiler), version,
                                    _cpu_flags()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"int8_matvec-{key}.so"
     if not library.exists():
         with atomic_path(library) as tmp:  # concurrent first uses each build, and one rename wins
-            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
+            subprocess.run([*compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True,
                            text=True, timeout=300)
     return library
 
@@ -143,4 +164,4 @@ def _cpu_flags() -> str:
     return ""
 
 
-__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name"]
+__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name", "library"]

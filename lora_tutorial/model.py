@@ -40,6 +40,7 @@ float32 residual stream and float32 norms; attention runs in whichever dtype is 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -174,6 +175,9 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0
+        # A faster way through every block for a decoding step with this cache, or None (decode_step.py):
+        # ``decode_blocks(x, positions, mask)`` returns the blocks' output, or None where it does not apply.
+        self.decode_blocks: Callable[..., torch.Tensor | None] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v (B, H_kv, T, D) after what is cached; return everything cached so far."""
@@ -389,6 +393,20 @@ class GPT(nn.Module):
         positions = self._positions(pad_mask, B, start, T, x.device)
         if self.wpe is not None:
             x = x + self.wpe(positions)
+        fused = None
+        if cache is not None and cache.decode_blocks is not None and start > 0:
+            fused = cache.decode_blocks(x, positions, mask)
+        x = self._blocks(x, positions, mask, is_causal, cache) if fused is None else fused
+        x = self.norm_f(x)
+        if cache is not None:
+            cache.length = total
+        if self.n_virtual_tokens and start == 0:
+            x = x[:, self.n_virtual_tokens:]
+        return x
+
+    def _blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None) -> torch.Tensor:
+        """Every block in turn (recomputed in the backward pass under activations checkpointing)."""
         rope = None
         if self.config.position == "rope":
             rope = (self.rope_cos[positions][:, :, None], self.rope_sin_signed[positions][:, :, None])  # (B, T, 1, D)
@@ -397,11 +415,6 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, mask, is_causal, cache, use_reentrant=False)  # recomputed in backward
             else:
                 x = block(x, rope, mask, is_causal, cache)
-        x = self.norm_f(x)
-        if cache is not None:
-            cache.length = total
-        if self.n_virtual_tokens and start == 0:
-            x = x[:, self.n_virtual_tokens:]
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

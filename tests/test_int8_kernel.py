@@ -164,9 +164,10 @@ def test_the_build_is_cached_under_a_name_that_changes_with_the_source(tmp_path,
     monkeypatch.setenv("LORA_TUTORIAL_CACHE", str(tmp_path))
     first = int8_kernel._build()
     assert first.parent == tmp_path and first.exists()
-    modified = tmp_path / "int8_matvec.c"
-    modified.write_text(int8_kernel.SOURCE.read_text() + "\n/* changed */\n")
-    monkeypatch.setattr(int8_kernel, "SOURCE", modified)
+    products, block = int8_kernel.SOURCES
+    modified = tmp_path / block.name  # a change to either source makes another build
+    modified.write_text(block.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(int8_kernel, "SOURCES", (products, modified))
     second = int8_kernel._build()
     assert second != first and second.exists()
     stamp = second.stat().st_mtime_ns

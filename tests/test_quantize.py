@@ -15,7 +15,8 @@ from lora_tutorial.quantize import DECODE_ROWS, Int8Linear, quantize_int8
 from helpers import assert_agrees_with_fp32_and_answers, tiny_llama_config, tiny_model
 
 
-@pytest.mark.parametrize("rows", [1, DECODE_ROWS, DECODE_ROWS + 1, 40])  # int8 kernel and dequantized path
+# the int8 kernel; then bf16 products with scaled outputs (fewer rows than inputs) or a scaled matrix (more)
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS, DECODE_ROWS + 1, 40, 80])
 def test_int8_linear_multiplies_by_its_dequantized_matrix(rows):
     torch.manual_seed(0)
     linear = nn.Linear(64, 96, bias=True)

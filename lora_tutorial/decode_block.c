@@ -1,0 +1,237 @@
+/* One decoding step of one transformer block of an int8 model, in one call (decode_step.py calls it).
+ *
+ * Built into the same library as int8_matvec.c (int8_kernel.py compiles both). It computes what
+ * model.py's Block computes for one new token per row under bf16 autocast (precision.py), in the same
+ * precisions:
+ *
+ *     h = bf16(rms_norm(x) * norm_1)                 x: the float32 residual stream, rows x d
+ *     q, k, v = split(int8_matmul(h, qkv))           bf16
+ *     q, k = bf16(rope(q)), bf16(rope(k))            rotated in float32 at each row's position
+ *     cache[column] = k, v                           the bf16 KV cache gets one new column
+ *     a = bf16(softmax(q . K^T / sqrt(D)) V)         over the visible cached columns; grouped-query heads
+ *     x = x + int8_matmul(a, dense)
+ *     h = bf16(rms_norm(x) * norm_2)
+ *     g, u = split(int8_matmul(h, fc1))
+ *     x = x + int8_matmul(bf16(bf16(silu(g)) * u), fc2)
+ *
+ * Why: at one token per row, PyTorch spends about as long dispatching a block's ~40 small operations
+ * (norms, rotations, casts, views, the cache copy, attention, SwiGLU) as the int8 products spend reading
+ * the weights (bench/decode_breakdown.json). Here the small work takes microseconds of vector loops.
+ * The results agree with PyTorch's to float32 rounding before each bf16 rounding (sums run in another
+ * order, exp is another implementation), so now and then a bf16 value lands one step apart; the tests
+ * compare the two paths.
+ *
+ * Needs AVX-512 F, BW and VL, head_dim a multiple of 32 (at most 512), d_model and d_ff multiples of 16
+ * (decode_step.py checks all of it).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void int8_matmul(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y,
+                 int64_t rows, int64_t in, int64_t out, int threads);
+
+/* 16 bf16 values as float32 lanes (exact: bf16 is the top half of a float32). */
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 float32 lanes rounded to bf16 (to nearest, ties to even, NaN kept a NaN: as torch rounds). */
+static inline void store_bf16(uint16_t *p, __m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+/* float32 value of one bf16, and one float32 rounded to bf16 (the scalar forms of the two above). */
+static inline float bf16_value(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_rounded(float f) {
+    uint16_t h[16];
+    store_bf16(h, _mm512_set1_ps(f));
+    return bf16_value(h[0]);
+}
+
+/* e^x in 16 lanes to about 1 float32 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+ * polynomial for e^r, then scaled by 2^n); libm's expf is scalar and was the slowest part of SwiGLU. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  /* ln 2 in two parts: exact n * hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The model's sizes, in the order decode_step.py passes them. */
+enum { D_MODEL, N_HEAD, N_KV_HEAD, HEAD_DIM, D_FF, MAX_LEN, N_SIZES };
+
+/* out = bf16(x / rms(x) * weight), as RMSNorm.forward (d: a multiple of 16). The mean of squares is
+ * summed in double: closer to the exact value than any float32 order of summation. */
+static void rms_norm(const float *x, const float *weight, float eps, int64_t d, uint16_t *out) {
+    double squares = 0.0;
+    for (int64_t i = 0; i < d; i++) squares += (double)x[i] * x[i];
+    __m512 inverse = _mm512_set1_ps(1.0f / sqrtf((float)(squares / d) + eps));
+    for (int64_t i = 0; i < d; i += 16)
+        store_bf16(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse), _mm512_loadu_ps(weight + i)));
+}
+
+/* x += y (float32 residual stream plus a bf16 block output), n: a multiple of 16. */
+static void add_residual(float *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), load_bf16(y + i)));
+}
+
+/* Rotate one head in place, as model.apply_rope: x * cos + roll(x, D/2) * sin_signed in float32, then
+ * bf16 (dim: a multiple of 32, so that each half is whole vectors). */
+static void rope(uint16_t *head, const float *cos, const float *sin_signed, int64_t dim) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        __m512 a = load_bf16(head + i), b = load_bf16(head + half + i);  /* a rotating pair */
+        __m512 new_a = _mm512_fmadd_ps(b, _mm512_loadu_ps(sin_signed + i), _mm512_mul_ps(a, _mm512_loadu_ps(cos + i)));
+        __m512 new_b = _mm512_fmadd_ps(a, _mm512_loadu_ps(sin_signed + half + i),
+                                       _mm512_mul_ps(b, _mm512_loadu_ps(cos + half + i)));
+        store_bf16(head + i, new_a);
+        store_bf16(head + half + i, new_b);
+    }
+}
+
+/* out = bf16(softmax(q . K^T / sqrt(dim)) V) over the columns `visible` marks (all when NULL); dim: a
+ * multiple of 16, at most 512. As PyTorch's CPU attention for bf16: scores and their exponentials in
+ * float32, each weight rounded to bf16 before it multiplies V, the float32 sum divides at the end. */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *visible,
+                   int64_t columns, int64_t dim, float *scores, uint16_t *out) {
+    __m512 qv[32];
+    for (int64_t i = 0; i < dim; i += 16) qv[i / 16] = load_bf16(q + i);
+    float scale = 1.0f / sqrtf((float)dim), best = -INFINITY;
+    for (int64_t j = 0; j < columns; j++) {
+        if (visible && !visible[j]) { scores[j] = -INFINITY; continue; }
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t i = 0; i < dim; i += 16) dot = _mm512_fmadd_ps(qv[i / 16], load_bf16(keys + j * dim + i), dot);
+        scores[j] = _mm512_reduce_add_ps(dot) * scale;
+        if (scores[j] > best) best = scores[j];
+    }
+    __m512 sums = _mm512_setzero_ps();  /* the exponentials, 16 columns per lane group */
+    for (int64_t j = 0; j < columns; j += 16) {
+        __mmask16 lanes = columns - j >= 16 ? 0xFFFF : (__mmask16)((1u << (columns - j)) - 1);
+        __m512 s = _mm512_maskz_loadu_ps(lanes, scores + j);
+        lanes &= _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);  /* hidden columns weigh 0 */
+        __m512 weight = _mm512_maskz_mov_ps(lanes, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(best))));
+        sums = _mm512_add_ps(sums, weight);
+        _mm512_mask_storeu_ps(scores + j, columns - j >= 16 ? 0xFFFF : (__mmask16)((1u << (columns - j)) - 1), weight);
+    }
+    float total = _mm512_reduce_add_ps(sums);
+    __m512 acc[32];
+    for (int64_t i = 0; i < dim; i += 16) acc[i / 16] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < columns; j++) {
+        if (scores[j] == 0.0f) continue;
+        __m512 weight = _mm512_set1_ps(bf16_rounded(scores[j]));
+        for (int64_t i = 0; i < dim; i += 16)
+            acc[i / 16] = _mm512_fmadd_ps(weight, load_bf16(values + j * dim + i), acc[i / 16]);
+    }
+    __m512 inverse = _mm512_set1_ps(1.0f / total);
+    for (int64_t i = 0; i < dim; i += 16) store_bf16(out + i, _mm512_mul_ps(acc[i / 16], inverse));
+}
+
+/* bf16(bf16(silu(gate)) * up) for n values (a multiple of 16), as MLP.forward: F.silu rounds to bf16. */
+static void swiglu(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
+    uint16_t silu[16];
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 g = load_bf16(gate + i);
+        store_bf16(silu, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        store_bf16(out + i, _mm512_mul_ps(load_bf16(silu), load_bf16(up + i)));
+    }
+}
+
+/* ---- The pieces decode_step.py calls between PyTorch's bf16 products ---------------------------------- */
+
+/* x += y (unless y is NULL), then out = bf16(rms_norm(x) * weight) (unless weight is NULL): the residual
+ * add that ends one half-block fused with the norm that starts the next. x: rows x d float32. */
+void add_and_norm(float *x, const uint16_t *y, const float *weight, float eps, int64_t rows, int64_t d,
+                  uint16_t *out) {
+    for (int64_t m = 0; m < rows; m++) {
+        if (y) add_residual(x + m * d, y + m * d, d);
+        if (weight) rms_norm(x + m * d, weight, eps, d, out + m * d);
+    }
+}
+
+/* The attention of one decoding step from the QKV projection's output (rows x (n_head + 2 n_kv) x dim,
+ * bf16, rotated in place): rotate queries and keys at each row's position, write keys and values into the
+ * cache's `column`, attend over the columns `visible` marks (rows x (column + 1) bytes; NULL: all).
+ * keys, values: the layer's cache (rows x n_kv x max_len x dim, bf16); out: rows x n_head x dim, bf16. */
+void attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
+                    const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
+                    const float *sin_signed, uint16_t *out, int threads) {
+    const int64_t n_head = sizes[N_HEAD], n_kv = sizes[N_KV_HEAD], dim = sizes[HEAD_DIM], max_len = sizes[MAX_LEN];
+    const int64_t width = (n_head + 2 * n_kv) * dim, group = n_head / n_kv, columns = column + 1;
+    for (int64_t m = 0; m < rows; m++) {
+        uint16_t *row = qkv + m * width;
+        const float *c = cos + positions[m] * dim, *s = sin_signed + positions[m] * dim;
+        for (int64_t head = 0; head < n_head + n_kv; head++) rope(row + head * dim, c, s, dim);
+        for (int64_t g = 0; g < n_kv; g++) {
+            int64_t at = ((m * n_kv + g) * max_len + column) * dim;
+            memcpy(keys + at, row + (n_head + g) * dim, sizeof(uint16_t) * dim);
+            memcpy(values + at, row + (n_head + n_kv + g) * dim, sizeof(uint16_t) * dim);
+        }
+    }
+    float *scores = malloc(sizeof(float) * rows * n_head * columns);
+    #pragma omp parallel for schedule(static) num_threads(threads) if(rows * n_head * columns >= 4096)
+    for (int64_t task = 0; task < rows * n_head; task++) {  /* one (row, query head) each */
+        int64_t m = task / n_head, head = task % n_head, cached = (m * n_kv + head / group) * max_len * dim;
+        attend(qkv + m * width + head * dim, keys + cached, values + cached,
+               visible ? visible + m * columns : NULL, columns, dim, scores + task * columns,
+               out + (m * n_head + head) * dim);
+    }
+    free(scores);
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for the fc1 output gate_up (rows x 2 ff, gate first), as MLP.forward. */
+void swiglu_rows(const uint16_t *gate_up, int64_t rows, int64_t ff, uint16_t *out) {
+    for (int64_t m = 0; m < rows; m++) swiglu(gate_up + m * 2 * ff, gate_up + m * 2 * ff + ff, out + m * ff, ff);
+}
+
+/* ---- A whole block of an int8 model: the pieces above around int8_matmul -------------------------------- */
+
+/* The block's tensors, in the order decode_step.py passes their addresses. */
+enum { NORM_1, QKV, QKV_SCALE, DENSE, DENSE_SCALE, NORM_2, FC1, FC1_SCALE, FC2, FC2_SCALE, KEYS, VALUES };
+
+/* One block for `rows` new tokens: x (rows x d, float32) updated in place; the other arguments as for
+ * attention_step. */
+void decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x, int64_t rows,
+                  const int64_t *positions, int64_t column, const uint8_t *visible,
+                  const float *cos, const float *sin_signed, int threads) {
+    const int64_t d = sizes[D_MODEL], inner = sizes[N_HEAD] * sizes[HEAD_DIM], ff = sizes[D_FF];
+    const int64_t width = (sizes[N_HEAD] + 2 * sizes[N_KV_HEAD]) * sizes[HEAD_DIM];
+    uint16_t *h = malloc(sizeof(uint16_t) * rows * d), *y = malloc(sizeof(uint16_t) * rows * d);
+    uint16_t *qkv = malloc(sizeof(uint16_t) * rows * width), *attended = malloc(sizeof(uint16_t) * rows * inner);
+    uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * ff), *hidden = malloc(sizeof(uint16_t) * rows * ff);
+
+    add_and_norm(x, NULL, tensors[NORM_1], eps, rows, d, h);
+    int8_matmul(h, tensors[QKV], tensors[QKV_SCALE], qkv, rows, d, width, threads);
+    attention_step(qkv, tensors[KEYS], tensors[VALUES], sizes, rows, positions, column, visible, cos, sin_signed,
+                   attended, threads);
+    int8_matmul(attended, tensors[DENSE], tensors[DENSE_SCALE], y, rows, inner, d, threads);
+    add_and_norm(x, y, tensors[NORM_2], eps, rows, d, h);
+    int8_matmul(h, tensors[FC1], tensors[FC1_SCALE], gate_up, rows, d, 2 * ff, threads);
+    swiglu_rows(gate_up, rows, ff, hidden);
+    int8_matmul(hidden, tensors[FC2], tensors[FC2_SCALE], y, rows, ff, d, threads);
+    add_and_norm(x, y, NULL, eps, rows, d, NULL);
+
+    free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);
+}

@@ -1,0 +1,170 @@
+"""Decoding steps of an int8 model through decode_block.c agree with the model's own PyTorch blocks, and the
+fused path is taken only where the C code computes exactly those blocks.
+
+The C code runs where the int8 kernel is built and the KV cache is bf16 (CPUs with AVX-512 and AMX: the
+project's machine and its CI); elsewhere the agreement tests are skipped and the "not fused" tests run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_tutorial import generation
+from lora_tutorial.decode_step import block_runner, unfused_reason
+from lora_tutorial.generation import generate_ids
+from lora_tutorial.int8_kernel import MAX_ROWS, library
+from lora_tutorial.model import GPT
+from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
+from lora_tutorial.quantize import quantize_int8
+
+from helpers import tiny_llama_config, tiny_model
+
+needs_fused = pytest.mark.skipif(library() is None or not cpu_has_amx(),
+                                 reason="decode_block.c runs only with the compiled kernel and a bf16 cache (AMX)")
+
+
+def int8_model(**overrides) -> GPT:
+    """A tiny Llama-style model whose sizes decode_block.c takes (head_dim 32, grouped-query heads), in int8."""
+    config = tiny_llama_config(**{"d_model": 128, "n_head": 4, "n_kv_head": 2, "d_ff": 96, "n_layer": 3, **overrides})
+    model = tiny_model(config).requires_grad_(False)
+    quantize_int8(model)
+    return model
+
+
+def new_cache(model: GPT, rows: int, length: int):
+    """A cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
+    with torch.no_grad():
+        return model.new_cache(rows, length)
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, None if bool(mask.all()) else mask
+
+
+class Spy:
+    """Wraps a block runner and counts the steps it actually computed (returned a tensor for)."""
+
+    def __init__(self, runner):
+        self.runner, self.fused = runner, 0
+
+    def __call__(self, *args):
+        out = self.runner(*args)
+        self.fused += out is not None
+        return out
+
+
+@needs_fused
+@pytest.mark.parametrize("prompts", [
+    [[5, 6, 7, 8, 9, 10, 11]],                       # one row: no mask at all
+    [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]],  # left padding: a mask, positions per row
+])
+def test_fused_steps_agree_with_the_pytorch_blocks(prompts):
+    model = int8_model()
+    ids, mask = left_padded(prompts)
+    fused_cache, plain_cache = new_cache(model, len(prompts), 20), new_cache(model, len(prompts), 20)
+    spy = Spy(block_runner(model, fused_cache))
+    fused_cache.decode_blocks = spy
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=fused_cache)
+        model(ids, attention_mask=mask, cache=plain_cache)
+        tokens = torch.tensor([[21], [22], [23]][:len(prompts)])
+        for step in range(6):
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+            fused = model.hidden_states(tokens, attention_mask=mask, cache=fused_cache)
+            plain = model.hidden_states(tokens, attention_mask=mask, cache=plain_cache)
+            # bf16 rounding apart, nothing more (a wrong head group, position or mask is off by O(1))
+            assert (fused - plain).norm() <= 0.02 * plain.norm(), step
+            column = fused_cache.length - 1
+            for layer in range(model.config.n_layer):
+                for mine, theirs in ((fused_cache.keys, plain_cache.keys), (fused_cache.values, plain_cache.values)):
+                    a, b = mine[layer][:, :, column].float(), theirs[layer][:, :, column].float()
+                    assert (a - b).norm() <= 0.02 * b.norm(), (step, layer)
+            tokens = (tokens * 7 + step) % model.config.vocab_size
+    assert spy.fused == 6  # every decoding step went through C; the prompt did not
+
+
+@needs_fused
+def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeypatch):
+    model = int8_model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
+    runners = []
+
+    def recording_runner(model, cache):
+        runners.append(Spy(block_runner(model, cache)))
+        return runners[-1]
+
+    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    fused = generate_ids(model, prompts, tokens_to_generate=8)
+    assert runners and runners[0].fused == 7  # 8 tokens: the prompt, then 7 steps
+    monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
+    assert fused == generate_ids(model, prompts, tokens_to_generate=8)
+
+
+@needs_fused
+def test_more_rows_than_the_kernel_takes_use_the_pytorch_blocks():
+    model = int8_model()
+    cache = new_cache(model, MAX_ROWS + 1, 8)
+    spy = Spy(block_runner(model, cache))
+    cache.decode_blocks = spy
+    with torch.no_grad():
+        model(torch.full((MAX_ROWS + 1, 3), 5), cache=cache)
+        out = model(torch.full((MAX_ROWS + 1, 1), 6), cache=cache)
+    assert spy.fused == 0 and out.shape == (MAX_ROWS + 1, 1, model.config.vocab_size)
+
+
+def test_not_fused_where_the_c_code_would_compute_something_else():
+    """Every model the C code does not compute exactly gets None, and says why."""
+    if library() is None:
+        model = int8_model()
+        assert block_runner(model, new_cache(model, 1, 8)) is None
+        assert "no compiled kernel" in unfused_reason(model, new_cache(model, 1, 8))
+        return
+    plain = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96)).requires_grad_(False)
+    assert "KV cache is not bf16" in unfused_reason(plain, new_cache(plain, 1, 8))  # float32: float32 attention
+    cast_frozen_weights(plain, torch.bfloat16)
+    if cpu_has_amx():
+        assert unfused_reason(plain, new_cache(plain, 1, 8)) == "blocks.0.attention.attention_qkv is a Linear"
+    lora = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96))
+    add_adapter(lora, LoraPEFTConfig(None, target_modules=["attention_qkv"], adapter_dim=4, alpha=4,
+                                     row_init_method="normal"), verbose=False)
+    quantize_int8(lora)
+    if cpu_has_amx():
+        assert unfused_reason(lora, new_cache(lora, 1, 8)) == "blocks.0.attention.attention_qkv is a LoRALinear"
+    hooked = int8_model()
+    hooked.blocks[2].mlp.register_forward_hook(lambda *args: None)
+    if cpu_has_amx():
+        assert unfused_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
+    narrow = int8_model(n_head=8)  # head_dim 16
+    assert "head_dim" in unfused_reason(narrow, new_cache(narrow, 1, 8))
+    assert block_runner(narrow, new_cache(narrow, 1, 8)) is None
+
+
+@needs_fused
+def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
+    """SmolLM2 in int8: the fused path predicts the same greedy tokens on a real question, and its hidden
+    states stay within bf16 rounding of the PyTorch blocks' (about 1 %; PyTorch's own int8 kernel differs
+    from ours by as much)."""
+    model, tokenizer = smollm2
+    int8 = copy.deepcopy(model).requires_grad_(False)
+    quantize_int8(int8)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
+    ids = torch.tensor([tokenizer.encode(chat)])
+    fused_cache, plain_cache = new_cache(int8, 1, ids.shape[1] + 4), new_cache(int8, 1, ids.shape[1] + 4)
+    fused_cache.decode_blocks = block_runner(int8, fused_cache)
+    assert fused_cache.decode_blocks is not None
+    with torch.no_grad():
+        token = int8(ids, cache=fused_cache, last_only=True).argmax(-1)
+        int8(ids, cache=plain_cache)
+        for _ in range(3):
+            fused = int8.hidden_states(token, cache=fused_cache)
+            plain = int8.hidden_states(token, cache=plain_cache)
+            assert (fused - plain).norm() <= 0.03 * plain.norm()
+            assert int8.lm_head(fused).argmax(-1) == int8.lm_head(plain).argmax(-1)
+            token = int8.lm_head(plain).argmax(-1)
