@@ -93,21 +93,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the build failed: {(errors or detail.splitlines() or [type(error).__name__])[0]}"
     lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.int8_matmul.restype = None
-    _declare_decode_block(lib)
+    # decode_block(tensors, sizes, eps, x, rows, positions, column, visible, cos, sin_signed, threads)
+    lib.decode_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
+    lib.decode_block.restype = None
     return lib, ""
-
-
-def _declare_decode_block(lib: ctypes.CDLL) -> None:
-    """Argument types of decode_block.c's functions (pointers, sizes, the norm's eps, thread count)."""
-    pointer, size, eps, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    step = [size, pointer, size, pointer, pointer, pointer]  # rows, positions, column, visible, cos, sin_signed
-    signatures = {"add_and_norm": [pointer, pointer, pointer, eps, size, size, pointer],
-                  "attention_step": [pointer, pointer, pointer, pointer, *step, pointer, threads],
-                  "swiglu_rows": [pointer, size, size, pointer],
-                  "decode_block": [pointer, pointer, eps, pointer, *step, threads]}
-    for name, argtypes in signatures.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, None
 
 
 def _load(library: Path) -> ctypes.CDLL:

@@ -59,13 +59,18 @@ class Spy:
         return out
 
 
+# SmolLM2's head shape (3 query heads per key/value head, head_dim 64) has code of its own in decode_block.c.
+SHAPES = {"generic": {}, "smollm2-heads": {"d_model": 384, "n_head": 6, "n_kv_head": 2}}
+
+
 @needs_fused
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prompts", [
     [[5, 6, 7, 8, 9, 10, 11]],                       # one row: no mask at all
     [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]],  # left padding: a mask, positions per row
 ])
-def test_fused_steps_agree_with_the_pytorch_blocks(prompts):
-    model = int8_model()
+def test_fused_steps_agree_with_the_pytorch_blocks(prompts, shape):
+    model = int8_model(**SHAPES[shape])
     ids, mask = left_padded(prompts)
     fused_cache, plain_cache = new_cache(model, len(prompts), 20), new_cache(model, len(prompts), 20)
     spy = Spy(block_runner(model, fused_cache))
