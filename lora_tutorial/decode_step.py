@@ -71,7 +71,7 @@ class BlockRunner:
             return None  # (a full cache: PyTorch's path raises the error)
         if mask is not None and (mask.dtype != torch.bool or mask.numel() != rows * (cache.length + 1)):
             return None
-        x = x.reshape(rows, -1).clone()  # the residual stream, updated in place by C
+        x = x.reshape(rows, -1).clone(memory_format=torch.contiguous_format)  # the residual stream, updated by C
         positions = positions.reshape(rows).contiguous()
         visible = None if mask is None else mask.reshape(rows, cache.length + 1).contiguous()
         step = (positions.data_ptr(), cache.length, None if visible is None else visible.data_ptr(),
@@ -98,6 +98,8 @@ def unfused_reason(model: GPT, cache: KVCache) -> str:
         return "head_dim must be a multiple of 32 (at most 512), d_model and d_ff multiples of 16"
     if model.rope_cos.dtype != torch.float32 or model.rope_cos.device.type != "cpu":
         return "the rotary tables are not float32 on the CPU"
+    if cache.max_len > model.rope_cos.shape[0]:  # C reads the tables unchecked: positions stay below max_len
+        return f"the cache ({cache.max_len} positions) is longer than the rotary tables ({model.rope_cos.shape[0]})"
     if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                for t in (*cache.keys, *cache.values)):
         return "the KV cache is not bf16 on the CPU (attention runs in float32 here: model.attention_dtype)"

@@ -146,6 +146,8 @@ def test_not_fused_where_the_c_code_would_compute_something_else():
     hooked.blocks[2].mlp.register_forward_hook(lambda *args: None)
     if cpu_has_amx():
         assert unfused_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
+    long_cache = int8_model()  # 64 rotary positions
+    assert "longer than the rotary tables" in unfused_reason(long_cache, new_cache(long_cache, 1, 65))
     narrow = int8_model(n_head=8)  # head_dim 16
     assert "head_dim" in unfused_reason(narrow, new_cache(narrow, 1, 8))
     assert block_runner(narrow, new_cache(narrow, 1, 8)) is None
