@@ -7,6 +7,8 @@ project's machine and its CI); elsewhere the agreement tests are skipped and the
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -110,6 +112,26 @@ def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeyp
     assert runners and runners[0].fused == 7  # 8 tokens: the prompt, then 7 steps
     monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
     assert fused == generate_ids(model, prompts, tokens_to_generate=8)
+
+
+@needs_fused
+def test_a_finished_generation_frees_its_cache_at_once(monkeypatch):
+    """The cache holds its runner: were the runner to hold the cache, each call's KV cache would wait for
+    the garbage collector (peak RSS grew by ~50 MB per batch-16 call before this was a weak reference)."""
+    model, caches = int8_model(), []
+
+    def recording_runner(model, cache):
+        caches.append(weakref.ref(cache))
+        return block_runner(model, cache)
+
+    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    gc.collect()
+    gc.disable()
+    try:
+        generate_ids(model, [[5, 6, 7]], tokens_to_generate=4)
+        assert caches and caches[0]() is None
+    finally:
+        gc.enable()
 
 
 @needs_fused
