@@ -1,7 +1,7 @@
 """Benchmarks: lora_tutorial against Hugging Face transformers + PEFT on the same SmolLM2 weights, and
 against the machine's own limits measured in the same run.
 
-    make bench                      # everything (about 30 minutes on 2 CPU cores)
+    make bench                      # everything (20-30 minutes on 2 CPU cores)
     python bench/run.py --quick     # fewer steps and repeats, 100-question evaluation only
 
 First the machine: float32 and bf16 GEMM throughput on this model's own matrix shapes (GFLOP/s) and the

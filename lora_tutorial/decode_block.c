@@ -81,7 +81,8 @@ static void rms_norm(const float *x, const float *weight, float eps, int64_t d, 
 
 /* x += y (float32 residual stream plus a bf16 block output), n: a multiple of 16. */
 static void add_residual(float *x, const uint16_t *y, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), load_bf16(y + i)));
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), load_bf16(y + i)));
 }
 
 /* Rotate one head in place, as model.apply_rope: x * cos + roll(x, D/2) * sin_signed in float32, then
@@ -121,7 +122,10 @@ static inline __attribute__((always_inline)) void attend_heads(
     float best[MAX_GROUP], total[MAX_GROUP], scale = 1.0f / sqrtf((float)dim);
     for (int t = 0; t < group; t++) {
         best[t] = -INFINITY;
-        for (int64_t i = 0; i < vectors; i++) qv[t][i] = load_bf16(q + t * dim + 16 * i), acc[t][i] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < vectors; i++) {
+            qv[t][i] = load_bf16(q + t * dim + 16 * i);
+            acc[t][i] = _mm512_setzero_ps();
+        }
     }
     for (int64_t j = 0; j < columns; j++) {  /* scores: each key widened once for the group */
         if (visible && !visible[j]) {
@@ -169,7 +173,8 @@ static void swiglu(const uint16_t *gate, const uint16_t *up, uint16_t *out, int6
     uint16_t silu[16];
     for (int64_t i = 0; i < n; i += 16) {
         __m512 g = load_bf16(gate + i);
-        store_bf16(silu, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+        __m512 one_plus_exp = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        store_bf16(silu, _mm512_div_ps(g, one_plus_exp));  /* silu(g) = g / (1 + e^-g) */
         store_bf16(out + i, _mm512_mul_ps(load_bf16(silu), load_bf16(up + i)));
     }
 }
@@ -183,15 +188,16 @@ static void attend(const uint16_t *q, int group, const uint16_t *keys, const uin
     else attend_heads(q, group, keys, values, visible, columns, dim / 16, scores, out);
 }
 
-/* ---- The three parts of a block's step besides its products ------------------------------------------ */
+/* ---- Attention and SwiGLU for every row of a step -------------------------------------------------------- */
 
 /* The attention of one decoding step from the QKV projection's output (rows x (n_head + 2 n_kv) x dim,
  * bf16, rotated in place): rotate queries and keys at each row's position, write keys and values into the
  * cache's `column`, attend over the columns `visible` marks (rows x (column + 1) bytes; NULL: all).
- * keys, values: the layer's cache (rows x n_kv x max_len x dim, bf16); out: rows x n_head x dim, bf16. */
-static void attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
-                    const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
-                    const float *sin_signed, uint16_t *out, int threads) {
+ * keys, values: the layer's cache (rows x n_kv x max_len x dim, bf16); out: rows x n_head x dim, bf16.
+ * Returns 0, or 1 where scratch memory could not be allocated. */
+static int attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
+                          const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
+                          const float *sin_signed, uint16_t *out, int threads) {
     const int64_t n_head = sizes[N_HEAD], n_kv = sizes[N_KV_HEAD], dim = sizes[HEAD_DIM], max_len = sizes[MAX_LEN];
     const int64_t width = (n_head + 2 * n_kv) * dim, group = n_head / n_kv, columns = column + 1;
     for (int64_t m = 0; m < rows; m++) {
@@ -205,6 +211,7 @@ static void attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, cons
         }
     }
     float *scores = malloc(sizeof(float) * rows * n_head * columns);
+    if (!scores) return 1;
     const int64_t parts = (group + MAX_GROUP - 1) / MAX_GROUP;  /* query heads per key/value head, in parts */
     #pragma omp parallel for schedule(static) num_threads(threads) if(rows * n_head * columns >= 4096)
     for (int64_t task = 0; task < rows * n_kv * parts; task++) {  /* one (row, key/value head, part) each */
@@ -216,6 +223,7 @@ static void attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, cons
                out + (m * n_head + first) * dim);
     }
     free(scores);
+    return 0;
 }
 
 /* out = bf16(bf16(silu(gate)) * up) for the fc1 output gate_up (rows x 2 ff, gate first), as MLP.forward. */
@@ -229,8 +237,8 @@ static void swiglu_rows(const uint16_t *gate_up, int64_t rows, int64_t ff, uint1
 enum { NORM_1, QKV, QKV_SCALE, DENSE, DENSE_SCALE, NORM_2, FC1, FC1_SCALE, FC2, FC2_SCALE, KEYS, VALUES };
 
 /* One block for `rows` new tokens: x (rows x d, float32) updated in place; the other arguments as for
- * attention_step. */
-void decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x, int64_t rows,
+ * attention_step. Returns 0, or 1 where scratch memory could not be allocated (x is then unusable). */
+int decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x, int64_t rows,
                   const int64_t *positions, int64_t column, const uint8_t *visible,
                   const float *cos, const float *sin_signed, int threads) {
     const int64_t d = sizes[D_MODEL], inner = sizes[N_HEAD] * sizes[HEAD_DIM], ff = sizes[D_FF];
@@ -238,11 +246,14 @@ void decode_block(void *const *tensors, const int64_t *sizes, float eps, float *
     uint16_t *h = malloc(sizeof(uint16_t) * rows * d), *y = malloc(sizeof(uint16_t) * rows * d);
     uint16_t *qkv = malloc(sizeof(uint16_t) * rows * width), *attended = malloc(sizeof(uint16_t) * rows * inner);
     uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * ff), *hidden = malloc(sizeof(uint16_t) * rows * ff);
+    int failed = !(h && y && qkv && attended && gate_up && hidden);
+    if (failed) goto done;
 
     for (int64_t m = 0; m < rows; m++) rms_norm(x + m * d, tensors[NORM_1], eps, d, h + m * d);
     int8_matmul(h, tensors[QKV], tensors[QKV_SCALE], qkv, rows, d, width, threads);
-    attention_step(qkv, tensors[KEYS], tensors[VALUES], sizes, rows, positions, column, visible, cos, sin_signed,
-                   attended, threads);
+    failed = attention_step(qkv, tensors[KEYS], tensors[VALUES], sizes, rows, positions, column, visible, cos,
+                            sin_signed, attended, threads);
+    if (failed) goto done;
     int8_matmul(attended, tensors[DENSE], tensors[DENSE_SCALE], y, rows, inner, d, threads);
     add_residual(x, y, rows * d);
     for (int64_t m = 0; m < rows; m++) rms_norm(x + m * d, tensors[NORM_2], eps, d, h + m * d);
@@ -251,5 +262,7 @@ void decode_block(void *const *tensors, const int64_t *sizes, float eps, float *
     int8_matmul(hidden, tensors[FC2], tensors[FC2_SCALE], y, rows, ff, d, threads);
     add_residual(x, y, rows * d);
 
-    free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);
+done:
+    free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);  /* free(NULL) does nothing */
+    return failed;
 }

@@ -16,8 +16,8 @@ CPUs with AMX), at most ``MAX_ROWS`` rows, and a compiled kernel here (``int8_ke
 
 The two paths agree to float32 rounding before each bf16 rounding: sums run in another order and exp is
 another implementation, so now and then one bf16 value lands one step apart, as between PyTorch's int8
-kernel and ours (tests/test_decode_step.py compares the paths; ``bench/precision_equivalence.json``
-scores the int8 model that uses it). bf16 models keep PyTorch's path: the same C pieces between oneDNN's
+kernel and ours (tests/test_decode_step.py compares the paths; ``bench/fused_equivalence.json``
+counts the answers that change on 500 validation questions). bf16 models keep PyTorch's path: the same C pieces between oneDNN's
 products would change their answers, which the README's and the notebooks' scores come from.
 """
 
@@ -33,7 +33,7 @@ from .int8_kernel import MAX_ROWS, library
 from .model import GPT, MLP, Attention, Block, KVCache, RMSNorm
 from .quantize import Int8Linear
 
-MAX_HEAD_DIM = 512  # decode_block.c holds one head's query and output in 32 vector registers' worth
+MAX_HEAD_DIM = 512  # decode_block.c keeps a head's query and sums as at most 32 vectors of 16 floats
 
 
 class BlockRunner:
@@ -79,8 +79,10 @@ class BlockRunner:
         visible = None if mask is None else mask.reshape(rows, cache.length + 1).contiguous()
         step = (positions.data_ptr(), cache.length, None if visible is None else visible.data_ptr(),
                 self.model.rope_cos.data_ptr(), self.model.rope_sin_signed.data_ptr())
+        threads = torch.get_num_threads()
         for tensors in self.tensors:
-            self.lib.decode_block(tensors, self.sizes, self.eps, x.data_ptr(), rows, *step, torch.get_num_threads())
+            if self.lib.decode_block(tensors, self.sizes, self.eps, x.data_ptr(), rows, *step, threads):
+                raise MemoryError(f"decode_block.c: no memory for the scratch space of a {rows}-row decoding step")
         return x.reshape(rows, 1, -1)
 
 

@@ -1,5 +1,8 @@
 """The int8 decoding kernel: ``int8_matvec.c``, compiled on first use and called through ctypes.
 
+The same library holds ``decode_block.c``, a whole decoding step of one block built on these products,
+which ``decode_step.py`` calls.
+
 Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
 the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` streams them well below the
 memory bandwidth of the project's VM; the page of C next to this file gets much closer (it asks for the
@@ -96,7 +99,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     # decode_block(tensors, sizes, eps, x, rows, positions, column, visible, cos, sin_signed, threads)
     lib.decode_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
-    lib.decode_block.restype = None
+    lib.decode_block.restype = ctypes.c_int  # 0, or 1: out of memory
     return lib, ""
 
 
@@ -126,8 +129,8 @@ def _build() -> Path:
     """Compile the kernel into the cache folder unless this exact build is there already; return its path."""
     compiler = _compiler()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
-    key = hashlib.sha256("|".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), " ".join(compiler), version,
-                                   _cpu_flags()]).encode()).hexdigest()[:16]
+    parts = [*(source.read_text() for source in SOURCES), " ".join(FLAGS), " ".join(compiler), version, _cpu_flags()]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     library = cache_dir() / f"int8_matvec-{key}.so"
     if not library.exists():
         with atomic_path(library) as tmp:  # concurrent first uses each build, and one rename wins

@@ -1,0 +1,85 @@
+"""Do the fused int8 decoding steps (decode_step.py) change any answers? Against the PyTorch blocks.
+
+    python bench/fused_equivalence.py     # about 5 minutes on 2 cores; writes bench/fused_equivalence.json
+
+The base model in int8 answers all 500 validation questions zero-shot with its chat template (as ``make
+bench`` times evaluation) three times: as ``generate_ids`` runs it (each block of each decoding step in
+one C call, decode_block.c); through the model's own PyTorch blocks (the same int8 kernel for the
+products); and through the PyTorch blocks with PyTorch's int8 kernel. All three agree to bf16 rounding,
+and rounding alone changes some answers, more of the long ones a base model writes: against the PyTorch
+blocks, each of the other two gets the count of changed answers and the paired per-question F1
+difference with its bootstrap interval, so that the fused path's changes can be read beside those of a
+mere change of kernel. (``bench/precision_equivalence.py``'s int8 run keeps the recipe's LoRA adapter as
+float32 wrappers around the int8 layers, which the fused path does not take: its int8 answers come from
+the PyTorch blocks.)
+The validation split: a check of the implementation, no setting is chosen on the test questions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lora_tutorial import generation, quantize
+from lora_tutorial.config import load_config
+from lora_tutorial.decode_step import unfused_reason
+from lora_tutorial.evaluation import Evaluation, answer_dataset
+from lora_tutorial.metrics import bootstrap_interval, per_question_scores
+from lora_tutorial.quantize import quantize_int8
+from lora_tutorial.sft_model import SFTModel
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = REPO / "data/SQuAD/splits/validation.jsonl"
+
+
+def paired(run: Evaluation, reference: Evaluation) -> dict:
+    """How many answers differ, and the mean per-question F1 difference with its bootstrap interval."""
+    if run.prompts != reference.prompts:
+        raise SystemExit("two runs did not answer the same questions in the same order")
+    differences = [a - b for a, b in zip(per_question_scores(run.answers, run.golds)[1],
+                                         per_question_scores(reference.answers, reference.golds)[1])]
+    changed = sum(a != b for a, b in zip(run.answers, reference.answers))
+    return {"questions": len(differences), "answers_changed": changed,
+            "f1_difference": sum(differences) / len(differences),
+            "f1_difference_interval": list(bootstrap_interval(differences))}
+
+
+def main() -> None:
+    from run import machine
+
+    cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{SPLIT}]"])
+    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
+    quantize_int8(model.model.requires_grad_(False))
+    with torch.no_grad():  # a cache as generate_ids makes one
+        fused_or_why = unfused_reason(model.model, model.model.new_cache(1, 8)) or "every block in one C call"
+    runner, kernel = generation.block_runner, quantize.int8_matmul
+    variants = {"fused": (runner, kernel), "pytorch_blocks": (lambda model, cache: None, kernel),
+                # the same blocks with PyTorch's int8 kernel: how much another summation order alone moves
+                "pytorch_blocks_pytorch_kernel": (lambda model, cache: None, lambda *args: None)}
+    runs = {}
+    for name, (choose, products) in variants.items():
+        generation.block_runner, quantize.int8_matmul = choose, products
+        try:
+            runs[name] = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+        finally:
+            generation.block_runner, quantize.int8_matmul = runner, kernel
+        print(f"{name}: F1 {runs[name].scores.f1:.1f} in {runs[name].seconds:.1f} s", flush=True)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+               "command": "python bench/fused_equivalence.py", "split": str(SPLIT.relative_to(REPO)),
+               "model": "the base model in int8, zero-shot with its chat template", "fused": fused_or_why}
+    for name, run in runs.items():
+        results[name] = {"line": str(run.scores), "em": run.scores.exact_match, "f1": run.scores.f1,
+                         "seconds": run.seconds}
+    for name in ("fused", "pytorch_blocks_pytorch_kernel"):
+        results[f"{name}_vs_pytorch_blocks"] = paired(runs[name], runs["pytorch_blocks"])
+        print(f"{name} - pytorch_blocks: {results[f'{name}_vs_pytorch_blocks']}", flush=True)
+    path = REPO / "bench" / "fused_equivalence.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
