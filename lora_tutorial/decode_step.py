@@ -17,8 +17,9 @@ CPUs with AMX), at most ``MAX_ROWS`` rows, and a compiled kernel here (``int8_ke
 The two paths agree to float32 rounding before each bf16 rounding: sums run in another order and exp is
 another implementation, so now and then one bf16 value lands one step apart, as between PyTorch's int8
 kernel and ours (tests/test_decode_step.py compares the paths; ``bench/fused_equivalence.json``
-counts the answers that change on 500 validation questions). bf16 models keep PyTorch's path: the same C pieces between oneDNN's
-products would change their answers, which the README's and the notebooks' scores come from.
+counts the answers that change on 500 validation questions). bf16 models keep PyTorch's path: the same
+C pieces between oneDNN's products would change their answers, which the README's and the notebooks'
+scores come from.
 """
 
 from __future__ import annotations
