@@ -69,7 +69,7 @@ def main() -> None:
         print(f"{name}: F1 {runs[name].scores.f1:.1f} in {runs[name].seconds:.1f} s", flush=True)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                "command": "python bench/fused_equivalence.py", "split": str(SPLIT.relative_to(REPO)),
-               "model": "the base model in int8, zero-shot with its chat template", "fused": fused_or_why}
+               "model": "the base model in int8, zero-shot with its chat template", "fused_path": fused_or_why}
     for name, run in runs.items():
         results[name] = {"line": str(run.scores), "em": run.scores.exact_match, "f1": run.scores.f1,
                          "seconds": run.seconds}

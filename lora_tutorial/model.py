@@ -176,7 +176,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         # A faster way through every block for a decoding step with this cache, or None (decode_step.py):
-        # ``decode_blocks(x, positions, mask)`` returns the blocks' output, or None where it does not apply.
+        # ``decode_blocks(model, x, positions, mask)`` returns the blocks' output, or None where it does not apply.
         self.decode_blocks: Callable[..., torch.Tensor | None] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +395,7 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         fused = None
         if cache is not None and cache.decode_blocks is not None and start > 0:
-            fused = cache.decode_blocks(x, positions, mask)
+            fused = cache.decode_blocks(self, x, positions, mask)
         x = self._blocks(x, positions, mask, is_causal, cache) if fused is None else fused
         x = self.norm_f(x)
         if cache is not None:

@@ -99,7 +99,9 @@ class Int8Linear(nn.Module):
             # to whichever is smaller, the outputs or the matrix. Fewer rows than input features: multiply
             # by the int8 matrix converted to bf16 (exact: every int8 value is a bf16 value) and scale the
             # outputs (by hand, the prompt of ``make bench`` ran 149 -> 124 ms); more (a batch of prompts):
-            # build the scaled bf16 matrix (by hand, 3,104 rows through mlp_fc1: 23-27 ms -> 7 ms).
+            # build the scaled bf16 matrix (by hand, 3,104 rows through mlp_fc1: 23-27 ms -> 7 ms). The two
+            # round differently, so a prompt's int8 numbers depend on how many rows its batch has (as bf16
+            # products' blocking does anyway).
             if x.numel() < self.in_features * self.in_features:
                 y = F.linear(x, self.weight_int8.to(torch.bfloat16)) * self.scale
             else:
