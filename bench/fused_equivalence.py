@@ -21,11 +21,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from lora_tutorial import generation, quantize
 from lora_tutorial.config import load_config
-from lora_tutorial.decode_step import unfused_reason
+from lora_tutorial.decode_step import decoding_path
 from lora_tutorial.evaluation import Evaluation, answer_dataset
 from lora_tutorial.metrics import bootstrap_interval, per_question_scores
 from lora_tutorial.quantize import quantize_int8
@@ -53,8 +51,6 @@ def main() -> None:
     cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{SPLIT}]"])
     model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
     quantize_int8(model.model.requires_grad_(False))
-    with torch.no_grad():  # a cache as generate_ids makes one
-        fused_or_why = unfused_reason(model.model, model.model.new_cache(1, 8)) or "every block in one C call"
     runner, kernel = generation.block_runner, quantize.int8_matmul
     variants = {"fused": (runner, kernel), "pytorch_blocks": (lambda model, cache: None, kernel),
                 # the same blocks with PyTorch's int8 kernel: how much another summation order alone moves
@@ -69,7 +65,7 @@ def main() -> None:
         print(f"{name}: F1 {runs[name].scores.f1:.1f} in {runs[name].seconds:.1f} s", flush=True)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                "command": "python bench/fused_equivalence.py", "split": str(SPLIT.relative_to(REPO)),
-               "model": "the base model in int8, zero-shot with its chat template", "fused_path": fused_or_why}
+               "model": "the base model in int8, zero-shot with its chat template", "fused_path": decoding_path(model.model, rows=16)}
     for name, run in runs.items():
         results[name] = {"line": str(run.scores), "em": run.scores.exact_match, "f1": run.scores.f1,
                          "seconds": run.seconds}

@@ -220,12 +220,11 @@ def cmd_decode(args) -> dict:
               "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "weight_bytes": read,
               "peak_rss_mb": peak_rss_mb()}
     if args.impl == "ours" and args.precision == "int8":
-        from lora_tutorial.decode_step import unfused_reason
+        from lora_tutorial.decode_step import decoding_path
         from lora_tutorial.int8_kernel import kernel_name
 
         result["int8_kernel"] = kernel_name()
-        with torch.no_grad():  # a cache as generate_ids makes one
-            result["decoding_steps"] = unfused_reason(ours, ours.new_cache(args.batch, 8)) or "each block in one C call"
+        result["decoding_steps"] = decoding_path(ours, args.batch)
     return result
 
 

@@ -98,6 +98,19 @@ def block_runner(model: GPT, cache: KVCache) -> BlockRunner | None:
     return None if unfused_reason(model, cache) else BlockRunner(model, cache)
 
 
+FUSED = "every block in one C call"  # the words bench/*.json record
+
+
+def decoding_path(model: GPT, rows: int = 1) -> str:
+    """How ``generate_ids`` would run ``model``'s decoding steps for ``rows`` prompts here: ``FUSED``, or
+    why not (for logs and benchmark records; it makes a small cache as ``generate_ids`` does)."""
+    with torch.no_grad():  # generate_ids makes its cache without gradients (bf16 where the CPU has AMX)
+        cache = model.new_cache(rows, 1)
+    if rows > MAX_ROWS:
+        return f"more than {MAX_ROWS} rows"
+    return unfused_reason(model, cache) or FUSED
+
+
 def unfused_reason(model: GPT, cache: KVCache) -> str:
     """Why decode_block.c cannot run ``model``'s blocks with ``cache``, or "" when it can."""
     c = model.config
@@ -151,4 +164,4 @@ def _block_reason(block: nn.Module, eps: float) -> str:
     return ""
 
 
-__all__ = ["BlockRunner", "block_runner", "unfused_reason"]
+__all__ = ["FUSED", "BlockRunner", "block_runner", "decoding_path", "unfused_reason"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lora_tutorial import generation
-from lora_tutorial.decode_step import block_runner, unfused_reason
+from lora_tutorial.decode_step import FUSED, block_runner, decoding_path, unfused_reason
 from lora_tutorial.generation import generate_ids
 from lora_tutorial.int8_kernel import MAX_ROWS, library
 from lora_tutorial.model import GPT
@@ -228,6 +228,10 @@ def test_not_fused_where_the_c_code_would_compute_something_else():
         assert unfused_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
     long_cache = int8_model()  # 64 rotary positions
     assert "longer than the rotary tables" in unfused_reason(long_cache, new_cache(long_cache, 1, 65))
+    assert decoding_path(plain) == unfused_reason(plain, new_cache(plain, 1, 8))
+    assert decoding_path(int8_model(), rows=MAX_ROWS + 1) == f"more than {MAX_ROWS} rows"
+    if cpu_has_amx():
+        assert decoding_path(int8_model()) == FUSED
     narrow = int8_model(n_head=8)  # head_dim 16
     assert "head_dim" in unfused_reason(narrow, new_cache(narrow, 1, 8))
     assert block_runner(narrow, new_cache(narrow, 1, 8)) is None
