@@ -7,13 +7,15 @@ Three measurements, each in this one process (run nothing else meanwhile):
 * start-up: seconds and peak RSS of ``import lora_tutorial`` in a fresh interpreter;
 * batch-1 int8 decoding of the 194-token SQuAD prompt that ``make bench`` uses: the prefill, one
   decoding step (mean of 30, best of 3 runs) with each block in one C call (decode_step.py, as
-  ``generate_ids`` runs it) and through the model's PyTorch blocks; then, through the PyTorch blocks,
+  ``generate_ids`` runs it) and through the model's PyTorch blocks (the prefill: PyTorch's blocks); then, through the PyTorch blocks,
   the step with PyTorch's int8 kernel instead of the compiled one (int8_kernel.py), and with every int8
   matrix product replaced by a zero tensor of the right shape -- what is left is the cost of everything
   else in a step;
 * the EM/F1 evaluation ``make bench`` times (the base model, chat template, first 100 test questions,
   bf16, batches of 16): the time spent in prefills and in decoding steps, and how many of each; then the
-  same evaluation without the pre-packed weights (prepack.py), alternating, best of 2 each.
+  same evaluation without the pre-packed weights (prepack.py), alternating, best of 2 each; then through
+  the PyTorch blocks instead of the glued ones (glued_blocks.py), alternating, best of 2 each, with the
+  number of answers that rounding changed.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def int8_decoding(steps: int = 30) -> dict:
     def run(fused: bool = False) -> tuple[float, float]:
         cache = model.new_cache(1, ids.shape[1] + steps + 1)
         if fused:  # as generate_ids does: each step's blocks through decode_block.c
-            cache.decode_blocks = block_runner(model, cache)
+            cache.run_blocks = block_runner(model, cache)
         started = time.perf_counter()
         token = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
         prefilled = time.perf_counter()
@@ -85,8 +87,9 @@ def int8_decoding(steps: int = 30) -> dict:
 
 
 def evaluation(n: int = 100) -> dict:
-    from lora_tutorial import prepack
+    from lora_tutorial import generation, prepack
     from lora_tutorial.config import load_config
+    from lora_tutorial.decode_step import decoding_path
     from lora_tutorial.evaluation import answer_dataset
     from lora_tutorial.model import GPT
     from lora_tutorial.precision import cast_frozen_weights
@@ -120,7 +123,7 @@ def evaluation(n: int = 100) -> dict:
     packs = prepack.packing_pays
     times: dict[str, list[float]] = {"packed": [], "plain": []}
     for _ in range(2):
-        for name in times:
+        for name, durations in times.items():
             prepack.packing_pays = packs if name == "packed" else (lambda model: False)
             try:
                 again = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
@@ -128,8 +131,26 @@ def evaluation(n: int = 100) -> dict:
                 prepack.packing_pays = packs
             if again.answers != result.answers:
                 raise AssertionError(f"evaluation with {name} weights gave other answers")
-            times[name].append(again.seconds)
+            durations.append(again.seconds)
     out["seconds_packed_weights"], out["seconds_plain_weights"] = min(times["packed"]), min(times["plain"])
+    # The glued blocks (glued_blocks.py), one lever at a time: with and without, alternating. Rounding may
+    # change a few answers, so they are counted, not required equal.
+    runner = generation.block_runner
+    times = {"glued": [], "pytorch_blocks": []}
+    changed = 0
+    for _ in range(2):
+        for name, durations in times.items():
+            generation.block_runner = runner if name == "glued" else (lambda model, cache: None)
+            try:
+                again = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+            finally:
+                generation.block_runner = runner
+            durations.append(again.seconds)
+            if name == "pytorch_blocks":
+                changed = sum(a != b for a, b in zip(again.answers, result.answers))
+    out["path"] = decoding_path(model.model, rows=16)
+    out["seconds_glued_blocks"], out["seconds_pytorch_blocks"] = min(times["glued"]), min(times["pytorch_blocks"])
+    out["answers_changed_by_glued_blocks"] = changed
     return out
 
 

@@ -1,17 +1,17 @@
-"""Do the fused int8 decoding steps (decode_step.py) change any answers? Against the PyTorch blocks.
+"""Do the C paths of generation (decode_step.py, glued_blocks.py) change any answers? Against the PyTorch blocks.
 
-    python bench/fused_equivalence.py     # about 5 minutes on 2 cores; writes bench/fused_equivalence.json
+    python bench/fused_equivalence.py     # about 8 minutes on 2 cores; writes bench/fused_equivalence.json
 
-The base model in int8 answers all 500 validation questions zero-shot with its chat template (as ``make
-bench`` times evaluation) three times: as ``generate_ids`` runs it (each block of each decoding step in
-one C call, decode_block.c); through the model's own PyTorch blocks (the same int8 kernel for the
-products); and through the PyTorch blocks with PyTorch's int8 kernel. All three agree to bf16 rounding,
-and rounding alone changes some answers, more of the long ones a base model writes: against the PyTorch
-blocks, each of the other two gets the count of changed answers and the paired per-question F1
-difference with its bootstrap interval, so that the fused path's changes can be read beside those of a
-mere change of kernel. (``bench/precision_equivalence.py``'s int8 run keeps the recipe's LoRA adapter as
-float32 wrappers around the int8 layers, which the fused path does not take: its int8 answers come from
-the PyTorch blocks.)
+The base model answers all 500 validation questions zero-shot with its chat template (as ``make bench``
+times evaluation), in int8 three times: as ``generate_ids`` runs it (prompts glued, each block of each
+decoding step in one C call, decode_block.c); through the model's own PyTorch blocks (the same int8
+kernel for the products); and through the PyTorch blocks with PyTorch's int8 kernel; then in bf16
+twice: as ``generate_ids`` runs it (prompts and steps glued: C between oneDNN's products) and through
+the PyTorch blocks. The paths agree to bf16 rounding, and rounding alone changes some answers, more of
+the long ones a base model writes: against the PyTorch blocks of its precision, each other run gets the
+count of changed answers and the paired per-question F1 difference with its bootstrap interval, so that
+the C paths' changes can be read beside those of a mere change of int8 kernel.
+(``bench/precision_equivalence.py`` scores the recipe's adapter, whose short answers the notebooks report.)
 The validation split: a check of the implementation, no setting is chosen on the test questions.
 """
 
@@ -21,11 +21,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from lora_tutorial import generation, quantize
 from lora_tutorial.config import load_config
 from lora_tutorial.decode_step import decoding_path
 from lora_tutorial.evaluation import Evaluation, answer_dataset
 from lora_tutorial.metrics import bootstrap_interval, per_question_scores
+from lora_tutorial.precision import cast_frozen_weights
 from lora_tutorial.quantize import quantize_int8
 from lora_tutorial.sft_model import SFTModel
 
@@ -49,29 +52,40 @@ def main() -> None:
     from run import machine
 
     cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{SPLIT}]"])
-    model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
-    quantize_int8(model.model.requires_grad_(False))
     runner, kernel = generation.block_runner, quantize.int8_matmul
-    variants = {"fused": (runner, kernel), "pytorch_blocks": (lambda model, cache: None, kernel),
-                # the same blocks with PyTorch's int8 kernel: how much another summation order alone moves
-                "pytorch_blocks_pytorch_kernel": (lambda model, cache: None, lambda *args: None)}
-    runs = {}
-    for name, (choose, products) in variants.items():
-        generation.block_runner, quantize.int8_matmul = choose, products
-        try:
-            runs[name] = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
-        finally:
-            generation.block_runner, quantize.int8_matmul = runner, kernel
-        print(f"{name}: F1 {runs[name].scores.f1:.1f} in {runs[name].seconds:.1f} s", flush=True)
+
+    def pytorch_blocks(model, cache):
+        return None
+
+    variants = {"int8": {"fused": (runner, kernel), "pytorch_blocks": (pytorch_blocks, kernel),
+                         # the same blocks with PyTorch's int8 kernel: how much another summation order alone moves
+                         "pytorch_blocks_pytorch_kernel": (pytorch_blocks, lambda *args: None)},
+                "bf16": {"glued": (runner, kernel), "pytorch_blocks": (pytorch_blocks, kernel)}}
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                "command": "python bench/fused_equivalence.py", "split": str(SPLIT.relative_to(REPO)),
-               "model": "the base model in int8, zero-shot with its chat template", "fused_path": decoding_path(model.model, rows=16)}
-    for name, run in runs.items():
-        results[name] = {"line": str(run.scores), "em": run.scores.exact_match, "f1": run.scores.f1,
-                         "seconds": run.seconds}
-    for name in ("fused", "pytorch_blocks_pytorch_kernel"):
-        results[f"{name}_vs_pytorch_blocks"] = paired(runs[name], runs["pytorch_blocks"])
-        print(f"{name} - pytorch_blocks: {results[f'{name}_vs_pytorch_blocks']}", flush=True)
+               "model": "the base model, zero-shot with its chat template"}
+    for precision, runs_of in variants.items():
+        model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
+        model.model.requires_grad_(False)
+        if precision == "int8":
+            quantize_int8(model.model)
+        else:
+            cast_frozen_weights(model.model, torch.bfloat16)
+        results[precision] = out = {"path": decoding_path(model.model, rows=16)}
+        runs = {}
+        for name, (choose, products) in runs_of.items():
+            generation.block_runner, quantize.int8_matmul = choose, products
+            try:
+                runs[name] = answer_dataset(model, cfg.model.data.test_ds, use_chat_template=True, progress=False)
+            finally:
+                generation.block_runner, quantize.int8_matmul = runner, kernel
+            print(f"{precision} {name}: F1 {runs[name].scores.f1:.1f} in {runs[name].seconds:.1f} s", flush=True)
+            out[name] = {"line": str(runs[name].scores), "em": runs[name].scores.exact_match,
+                         "f1": runs[name].scores.f1, "seconds": runs[name].seconds}
+        for name, run in runs.items():
+            if name != "pytorch_blocks":
+                out[f"{name}_vs_pytorch_blocks"] = paired(run, runs["pytorch_blocks"])
+                print(f"{precision} {name} - pytorch_blocks: {out[f'{name}_vs_pytorch_blocks']}", flush=True)
     path = REPO / "bench" / "fused_equivalence.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written: {path}")

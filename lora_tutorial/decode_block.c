@@ -72,10 +72,15 @@ static inline __m512 exp_ps(__m512 x) {
 enum { D_MODEL, N_HEAD, N_KV_HEAD, HEAD_DIM, D_FF, MAX_LEN, N_SIZES };
 
 /* out = bf16(x / rms(x) * weight), as RMSNorm.forward (d: a multiple of 16). The mean of squares is
- * summed in double: closer to the exact value than any float32 order of summation. */
+ * summed in double (8 lanes at a time): closer to the exact value than any float32 order of summation. */
 static void rms_norm(const float *x, const float *weight, float eps, int64_t d, uint16_t *out) {
-    double squares = 0.0;
-    for (int64_t i = 0; i < d; i++) squares += (double)x[i] * x[i];
+    __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+    for (int64_t i = 0; i < d; i += 16) {
+        __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(x + i)), b = _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8));
+        low = _mm512_fmadd_pd(a, a, low);
+        high = _mm512_fmadd_pd(b, b, high);
+    }
+    double squares = _mm512_reduce_add_pd(_mm512_add_pd(low, high));
     __m512 inverse = _mm512_set1_ps(1.0f / sqrtf((float)(squares / d) + eps));
     for (int64_t i = 0; i < d; i += 16)
         store_bf16(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), inverse), _mm512_loadu_ps(weight + i)));
@@ -269,4 +274,53 @@ int decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x
 done:
     free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);  /* free(NULL) does nothing */
     return failed;
+}
+
+/* ---- The same pieces between PyTorch's products (glued_blocks.py: bf16 models, prompts and steps) ---- */
+
+/* x += y where y is not NULL (float32 residual stream plus a bf16 block output), then out = the RMSNorm of
+ * each of the `rows` rows of x: the residual add and the next block's norm in one pass. */
+void add_and_norm(float *x, const uint16_t *y, const float *weight, float eps, int64_t rows, int64_t d,
+                  uint16_t *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(rows >= 64)
+    for (int64_t m = 0; m < rows; m++) {
+        if (y) add_residual(x + m * d, y + m * d, d);
+        rms_norm(x + m * d, weight, eps, d, out + m * d);
+    }
+}
+
+/* The attention of one decoding step (attention_step above), for callers outside this file. */
+int attention_of_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
+                      const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
+                      const float *sin_signed, uint16_t *out, int threads) {
+    return attention_step(qkv, keys, values, sizes, rows, positions, column, visible, cos, sin_signed, out,
+                          threads);
+}
+
+/* A prompt's part of attention before the scores: rotate the queries and keys of qkv (batch x length rows of
+ * (n_head + 2 n_kv) x dim, bf16) in place at each row's position, and copy the keys and values into the
+ * cache's columns start .. start + length - 1. */
+void rope_and_cache(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t batch,
+                    int64_t length, const int64_t *positions, int64_t start, const float *cos,
+                    const float *sin_signed, int threads) {
+    const int64_t n_head = sizes[N_HEAD], n_kv = sizes[N_KV_HEAD], dim = sizes[HEAD_DIM], max_len = sizes[MAX_LEN];
+    const int64_t width = (n_head + 2 * n_kv) * dim;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(batch * length >= 64)
+    for (int64_t m = 0; m < batch * length; m++) {
+        uint16_t *row = qkv + m * width;
+        const float *c = cos + positions[m] * dim, *s = sin_signed + positions[m] * dim;
+        for (int64_t head = 0; head < n_head + n_kv; head++) rope(row + head * dim, c, s, dim);
+        const int64_t b = m / length, column = start + m % length;
+        for (int64_t g = 0; g < n_kv; g++) {
+            int64_t at = ((b * n_kv + g) * max_len + column) * dim;
+            memcpy(keys + at, row + (n_head + g) * dim, sizeof(uint16_t) * dim);
+            memcpy(values + at, row + (n_head + n_kv + g) * dim, sizeof(uint16_t) * dim);
+        }
+    }
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for every row of the fc1 output (rows x 2 ff, gate first). */
+void swiglu_all(const uint16_t *gate_up, int64_t rows, int64_t ff, uint16_t *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(rows >= 16)
+    for (int64_t m = 0; m < rows; m++) swiglu(gate_up + m * 2 * ff, gate_up + m * 2 * ff + ff, out + m * ff, ff);
 }

@@ -8,18 +8,18 @@ does a block's whole step -- the same arithmetic, in the same precisions, with t
 ``int8_matvec.c`` -- in one call.
 
 ``generate_ids`` asks ``block_runner(model, cache)`` once per call and puts the answer on the cache;
-``GPT`` then sends each decoding step through it. It answers None -- and the blocks run as PyTorch
-modules -- unless every block is exactly what the C code computes: ``quantize.Int8Linear`` layers
-without bias and no PEFT wrapper or hook, RoPE + RMSNorm + SwiGLU, a bf16 cache (``model.attention_dtype``:
-CPUs with AMX), at most ``MAX_ROWS`` rows, and a compiled kernel here (``int8_kernel.kernel_name``;
-``LORA_TUTORIAL_INT8_KERNEL=torch`` turns both off).
+``GPT`` then sends each forward pass with that cache through it. A ``BlockRunner`` takes the decoding steps
+where every block is exactly what the C code computes: ``quantize.Int8Linear`` layers without bias and no
+PEFT wrapper or hook, RoPE + RMSNorm + SwiGLU, a bf16 cache (``model.attention_dtype``: CPUs with AMX), at
+most ``MAX_ROWS`` rows, and a compiled kernel here (``int8_kernel.kernel_name``;
+``LORA_TUTORIAL_INT8_KERNEL=torch`` turns it off). Prompts, wider steps and every other bf16 model (LoRA
+included) go through ``glued_blocks.GluedBlocks``: the same C pieces around the model's own products.
+Where neither applies the answer is None, and the blocks run as PyTorch modules.
 
-The two paths agree to float32 rounding before each bf16 rounding: sums run in another order and exp is
+The paths agree to float32 rounding before each bf16 rounding: sums run in another order and exp is
 another implementation, so now and then one bf16 value lands one step apart, as between PyTorch's int8
-kernel and ours (tests/test_decode_step.py compares the paths; ``bench/fused_equivalence.json``
-counts the answers that change on 500 validation questions). bf16 models keep PyTorch's path: the same
-C pieces between oneDNN's products would change their answers, which the README's and the notebooks'
-scores come from.
+kernel and ours (tests/test_decode_step.py and tests/test_glued_blocks.py compare the paths;
+``bench/fused_equivalence.json`` counts the answers that change on 500 validation questions).
 """
 
 from __future__ import annotations
@@ -30,18 +30,18 @@ import weakref
 import torch
 from torch import nn
 
+from .glued_blocks import GluedBlocks, glued_blocks, unglued_reason
 from .int8_kernel import MAX_ROWS, library
-from .model import GPT, MLP, Attention, Block, KVCache, RMSNorm
+from .model import GPT, Block, KVCache
 from .quantize import Int8Linear
-
-MAX_HEAD_DIM = 512  # decode_block.c keeps a head's query and sums as at most 32 vectors of 16 floats
 
 
 class BlockRunner:
     """Runs every block of an int8 ``model`` for one decoding step with ``cache``, through decode_block.c."""
 
-    def __init__(self, model: GPT, cache: KVCache) -> None:
+    def __init__(self, model: GPT, cache: KVCache, fallback: GluedBlocks | None = None) -> None:
         c = model.config
+        self.fallback = fallback  # for prompts and wide steps: the same C pieces around PyTorch's products
         # A weak reference: the cache holds this runner, and a cycle would keep every finished generation's
         # cache (47 MB at batch 16) alive until the garbage collector ran (peak RSS grew call by call).
         self.model, self.cache = model, weakref.ref(cache)
@@ -63,14 +63,22 @@ class BlockRunner:
                 a.attention_dense.scale, self.norms[i][1], m.mlp_fc1.weight_int8, m.mlp_fc1.scale,
                 m.mlp_fc2.weight_int8, m.mlp_fc2.scale, cache.keys[i], cache.values[i]]
 
-    def __call__(self, model: GPT, x: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor | None:
+    def __call__(self, model: GPT, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                 is_causal: bool = False) -> torch.Tensor | None:
         """The blocks' output (B, 1, d) for the step's input ``x`` (float32), the cache filled at column
-        ``cache.length``; or None for what the C code does not take (then GPT runs its blocks itself).
+        ``cache.length``; for what the C code does not take (a prompt, more than ``MAX_ROWS`` rows), what
+        ``fallback`` answers; else None (then GPT runs its blocks itself).
 
         ``model``: the GPT asking (another model than this runner's gets None); ``positions`` (B, 1): each
         row's rotary position; ``mask``: None or GPT's boolean SDPA mask (B, 1, 1, cache.length + 1).
         """
+        fused = self._step(model, x, positions, mask)
+        if fused is None and self.fallback is not None:
+            return self.fallback(model, x, positions, mask, is_causal)
+        return fused
+
+    def _step(self, model: GPT, x: torch.Tensor, positions: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor | None:
         rows, cache = x.shape[0], self.cache()
         # With gradients on, the PyTorch blocks would take other paths (bf16 products, float32 attention)
         # and keep a graph; C keeps none.
@@ -92,76 +100,58 @@ class BlockRunner:
         return x.reshape(rows, 1, -1)
 
 
-def block_runner(model: GPT, cache: KVCache) -> BlockRunner | None:
-    """A ``BlockRunner`` for decoding ``model`` with ``cache``, or None where decode_block.c cannot
-    compute its blocks (``unfused_reason`` says why)."""
-    return None if unfused_reason(model, cache) else BlockRunner(model, cache)
+def block_runner(model: GPT, cache: KVCache) -> BlockRunner | GluedBlocks | None:
+    """The fastest way through ``model``'s blocks with ``cache`` that computes what they compute: a
+    ``BlockRunner`` (int8 decoding steps, falling back to ``GluedBlocks`` for prompts), ``GluedBlocks``
+    (``unfused_reason`` says why not fused), or None (``glued_blocks.unglued_reason`` says why)."""
+    glued = glued_blocks(model, cache)
+    if glued is None or unfused_reason(model, cache):
+        return glued
+    return BlockRunner(model, cache, fallback=glued)
 
 
 FUSED = "every block in one C call"  # the words bench/*.json record
+GLUED = "C between PyTorch's products"
 
 
 def decoding_path(model: GPT, rows: int = 1) -> str:
-    """How ``generate_ids`` would run ``model``'s decoding steps for ``rows`` prompts here: ``FUSED``, or
-    why not (for logs and benchmark records; it makes a small cache as ``generate_ids`` does)."""
+    """How ``generate_ids`` would run ``model``'s decoding steps for ``rows`` prompts here: ``FUSED``;
+    ``GLUED`` (glued_blocks.py), with why not fused; or why neither (for logs and benchmark records; it
+    makes a small cache as ``generate_ids`` does)."""
     with torch.no_grad():  # generate_ids makes its cache without gradients (bf16 where the CPU has AMX)
         cache = model.new_cache(rows, 1)
-    if rows > MAX_ROWS:
-        return f"more than {MAX_ROWS} rows"
-    return unfused_reason(model, cache) or FUSED
+    unglued = unglued_reason(model, cache)
+    if unglued:
+        return unglued
+    unfused = f"more than {MAX_ROWS} rows" if rows > MAX_ROWS else unfused_reason(model, cache)
+    return f"{GLUED} (not fused: {unfused})" if unfused else FUSED
 
 
 def unfused_reason(model: GPT, cache: KVCache) -> str:
-    """Why decode_block.c cannot run ``model``'s blocks with ``cache``, or "" when it can."""
-    c = model.config
-    if (c.position, c.norm, c.mlp, c.bias) != ("rope", "rmsnorm", "swiglu", False):
-        return "only RoPE + RMSNorm + SwiGLU blocks without biases"
-    if c.head_dim % 32 or c.head_dim > MAX_HEAD_DIM or c.d_model % 16 or c.d_ff % 16 or c.n_head % c.n_kv_head:
-        return "head_dim must be a multiple of 32 (at most 512), d_model and d_ff multiples of 16"
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for t in (model.rope_cos, model.rope_sin_signed)):
-        return "the rotary tables are not contiguous float32 on the CPU"
-    if cache.max_len > model.rope_cos.shape[0]:  # C reads the tables unchecked: positions stay below max_len
-        return f"the cache ({cache.max_len} positions) is longer than the rotary tables ({model.rope_cos.shape[0]})"
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
-               for t in (*cache.keys, *cache.values)):
-        return "the KV cache is not bf16 on the CPU (attention runs in float32 here: model.attention_dtype)"
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return "a global forward hook is registered"
+    """Why decode_block.c cannot run ``model``'s blocks with ``cache`` in one call each, or "" when it can."""
+    reason = unglued_reason(model, cache)  # the C pieces must apply, and then every product be int8
+    if reason:
+        return reason
     for i, block in enumerate(model.blocks):
-        reason = _block_reason(block, c.norm_eps)
-        if reason:
-            return f"blocks.{i}{reason}"
-    if library() is None:  # last: the first call builds the library, which only an int8 model needs
-        return "no compiled kernel here (int8_kernel.kernel_name() says why)"
+        a, m = block.attention, block.mlp
+        for name, layer in {"attention.attention_qkv": a.attention_qkv, "attention.attention_dense": a.attention_dense,
+                            "mlp.mlp_fc1": m.mlp_fc1, "mlp.mlp_fc2": m.mlp_fc2}.items():
+            reason = _int8_reason(layer)
+            if reason:
+                return f"blocks.{i}.{name} {reason}"
     return ""
 
 
-def _block_reason(block: nn.Module, eps: float) -> str:
-    """What in ``block`` differs from a plain Block of ``Int8Linear`` layers ("" when nothing), as
-    ".<part> <problem>"."""
-    containers = {"": (block, Block)}
-    if type(block) is Block:  # only then are its parts where the C code looks for them
-        containers |= {"norm_1": (block.norm_1, RMSNorm), "attention": (block.attention, Attention),
-                       "norm_2": (block.norm_2, RMSNorm), "mlp": (block.mlp, MLP)}
-    for name, (module, expected) in containers.items():
-        if type(module) is not expected:
-            return f"{'.' + name if name else ''} is a {type(module).__name__}"
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"{'.' + name if name else ''} has a forward hook"
-    if block.norm_1.eps != eps or block.norm_2.eps != eps:
-        return " has a norm whose eps is not the config's"
-    a, m = block.attention, block.mlp
-    for name, layer in {"attention.attention_qkv": a.attention_qkv, "attention.attention_dense": a.attention_dense,
-                        "mlp.mlp_fc1": m.mlp_fc1, "mlp.mlp_fc2": m.mlp_fc2}.items():
-        if type(layer) is not Int8Linear:
-            return f".{name} is a {type(layer).__name__}"
-        if layer._forward_hooks or layer._forward_pre_hooks:
-            return f".{name} has a forward hook"
-        if (layer.bias is not None or layer.weight_int8.dtype != torch.int8 or layer.scale.dtype != torch.bfloat16
-                or not layer.weight_int8.is_contiguous() or not layer.scale.is_contiguous()):
-            return f".{name} is not a contiguous int8 matrix with bf16 scales and no bias"
+def _int8_reason(layer: nn.Module) -> str:
+    """What keeps decode_block.c from multiplying by ``layer`` itself ("" when nothing)."""
+    if type(layer) is not Int8Linear:
+        return f"is a {type(layer).__name__}"
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return "has a forward hook"
+    if (layer.bias is not None or layer.weight_int8.dtype != torch.int8 or layer.scale.dtype != torch.bfloat16
+            or not layer.weight_int8.is_contiguous() or not layer.scale.is_contiguous()):
+        return "is not a contiguous int8 matrix with bf16 scales and no bias"
     return ""
 
 
-__all__ = ["FUSED", "BlockRunner", "block_runner", "decoding_path", "unfused_reason"]
+__all__ = ["FUSED", "GLUED", "BlockRunner", "block_runner", "decoding_path", "unfused_reason"]

@@ -120,7 +120,7 @@ def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], tokens_to_gene
     has_text = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, ids.shape[1] + tokens_to_generate) if use_cache else None
     if cache is not None:
-        cache.decode_blocks = block_runner(model, cache)  # decoding steps in fewer calls, where it can
+        cache.run_blocks = block_runner(model, cache)  # fewer, larger calls where it can (decode_step.py)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seen = _seen_tokens(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None
     out: list[torch.Tensor] = []

@@ -100,6 +100,18 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.decode_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
     lib.decode_block.restype = ctypes.c_int  # 0, or 1: out of memory
+    # The same pieces between PyTorch's products (glued_blocks.py)
+    P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.add_and_norm.argtypes = [P, P, P, F32, I64, I64, P, INT]  # x, y, weight, eps, rows, d, out, threads
+    lib.add_and_norm.restype = None
+    # qkv, keys, values, sizes, rows, positions, column, visible, cos, sin_signed, out, threads
+    lib.attention_of_step.argtypes = [P, P, P, P, I64, P, I64, P, P, P, P, INT]
+    lib.attention_of_step.restype = ctypes.c_int  # 0, or 1: out of memory
+    # qkv, keys, values, sizes, batch, length, positions, start, cos, sin_signed, threads
+    lib.rope_and_cache.argtypes = [P, P, P, P, I64, I64, P, I64, P, P, INT]
+    lib.rope_and_cache.restype = None
+    lib.swiglu_all.argtypes = [P, I64, I64, P, INT]  # gate_up, rows, ff, out, threads
+    lib.swiglu_all.restype = None
     return lib, ""
 
 

@@ -175,9 +175,10 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.length = 0
-        # A faster way through every block for a decoding step with this cache, or None (decode_step.py):
-        # ``decode_blocks(model, x, positions, mask)`` returns the blocks' output, or None where it does not apply.
-        self.decode_blocks: Callable[..., torch.Tensor | None] | None = None
+        # A faster way through every block with this cache, or None (decode_step.py, glued_blocks.py):
+        # ``run_blocks(model, x, positions, mask, is_causal)`` returns the blocks' output, or None where it
+        # does not apply (then the model runs its blocks itself).
+        self.run_blocks: Callable[..., torch.Tensor | None] | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v (B, H_kv, T, D) after what is cached; return everything cached so far."""
@@ -393,10 +394,10 @@ class GPT(nn.Module):
         positions = self._positions(pad_mask, B, start, T, x.device)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        fused = None
-        if cache is not None and cache.decode_blocks is not None and start > 0:
-            fused = cache.decode_blocks(self, x, positions, mask)
-        x = self._blocks(x, positions, mask, is_causal, cache) if fused is None else fused
+        fast = None
+        if cache is not None and cache.run_blocks is not None:
+            fast = cache.run_blocks(self, x, positions, mask, is_causal)
+        x = self._blocks(x, positions, mask, is_causal, cache) if fast is None else fast
         x = self.norm_f(x)
         if cache is not None:
             cache.length = total

@@ -12,17 +12,17 @@ import weakref
 
 import pytest
 import torch
+from helpers import tiny_llama_config, tiny_model
 
 from lora_tutorial import generation
-from lora_tutorial.decode_step import FUSED, block_runner, decoding_path, unfused_reason
+from lora_tutorial.decode_step import FUSED, GLUED, BlockRunner, block_runner, decoding_path, unfused_reason
 from lora_tutorial.generation import generate_ids
+from lora_tutorial.glued_blocks import GluedBlocks
 from lora_tutorial.int8_kernel import MAX_ROWS, library
 from lora_tutorial.model import GPT
 from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import quantize_int8
-
-from helpers import tiny_llama_config, tiny_model
 
 needs_fused = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                  reason="decode_block.c runs only with the compiled kernel and a bf16 cache (AMX)")
@@ -77,8 +77,8 @@ def test_fused_steps_agree_with_the_pytorch_blocks(prompts, shape):
     model = int8_model(**SHAPES[shape])
     ids, mask = left_padded(prompts)
     fused_cache, plain_cache = new_cache(model, len(prompts), 20), new_cache(model, len(prompts), 20)
-    spy = Spy(block_runner(model, fused_cache))
-    fused_cache.decode_blocks = spy
+    spy = Spy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
+    fused_cache.run_blocks = spy
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=fused_cache)
         model(ids, attention_mask=mask, cache=plain_cache)
@@ -106,8 +106,8 @@ def test_sixteen_long_padded_rows_agree_with_the_pytorch_blocks():
     prompts = [list(range(5, 5 + 60 + 3 * (i % 5))) for i in range(MAX_ROWS)]
     ids, mask = left_padded(prompts)
     fused_cache, plain_cache = new_cache(model, MAX_ROWS, 80), new_cache(model, MAX_ROWS, 80)
-    spy = Spy(block_runner(model, fused_cache))
-    fused_cache.decode_blocks = spy
+    spy = Spy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
+    fused_cache.run_blocks = spy
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -130,8 +130,8 @@ def test_gradients_a_virtual_prompt_and_another_model():
     only the prefill: fused, and the same answers. A runner asked by another model declines."""
     model = int8_model()
     cache = new_cache(model, 1, 8)
-    spy = Spy(block_runner(model, cache))
-    cache.decode_blocks = spy
+    spy = Spy(BlockRunner(model, cache))  # no fallback: the prompt runs the PyTorch blocks
+    cache.run_blocks = spy
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]), cache=cache)
     model(torch.tensor([[8]]), cache=cache)  # gradients on
@@ -167,7 +167,8 @@ def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeyp
 
     monkeypatch.setattr(generation, "block_runner", recording_runner)
     fused = generate_ids(model, prompts, tokens_to_generate=8)
-    assert runners and runners[0].fused == 7  # 8 tokens: the prompt, then 7 steps
+    assert runners and runners[0].fused == 8  # 8 tokens: the prompt (glued), then 7 fused steps
+    assert isinstance(runners[0].runner, BlockRunner)
     monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
     assert fused == generate_ids(model, prompts, tokens_to_generate=8)
 
@@ -193,15 +194,19 @@ def test_a_finished_generation_frees_its_cache_at_once(monkeypatch):
 
 
 @needs_fused
-def test_more_rows_than_the_kernel_takes_use_the_pytorch_blocks():
+def test_more_rows_than_the_kernel_takes_fall_back_to_the_glued_blocks():
     model = int8_model()
     cache = new_cache(model, MAX_ROWS + 1, 8)
-    spy = Spy(block_runner(model, cache))
-    cache.decode_blocks = spy
+    runner = block_runner(model, cache)
+    assert isinstance(runner.fallback, GluedBlocks)
+    runner.fallback = spy = Spy(runner.fallback)
+    cache.run_blocks = runner
     with torch.no_grad():
         model(torch.full((MAX_ROWS + 1, 3), 5), cache=cache)
+        assert runner._step(model, torch.zeros(MAX_ROWS + 1, 1, 128), torch.zeros(MAX_ROWS + 1, 1, dtype=torch.long),
+                            None) is None
         out = model(torch.full((MAX_ROWS + 1, 1), 6), cache=cache)
-    assert spy.fused == 0 and out.shape == (MAX_ROWS + 1, 1, model.config.vocab_size)
+    assert spy.fused == 2 and out.shape == (MAX_ROWS + 1, 1, model.config.vocab_size)  # the prompt and the step
 
 
 def test_not_fused_where_the_c_code_would_compute_something_else():
@@ -228,8 +233,9 @@ def test_not_fused_where_the_c_code_would_compute_something_else():
         assert unfused_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
     long_cache = int8_model()  # 64 rotary positions
     assert "longer than the rotary tables" in unfused_reason(long_cache, new_cache(long_cache, 1, 65))
-    assert decoding_path(plain) == unfused_reason(plain, new_cache(plain, 1, 8))
-    assert decoding_path(int8_model(), rows=MAX_ROWS + 1) == f"more than {MAX_ROWS} rows"
+    if cpu_has_amx():  # a bf16 model: the glued blocks
+        assert decoding_path(plain) == f"{GLUED} (not fused: {unfused_reason(plain, new_cache(plain, 1, 8))})"
+        assert decoding_path(int8_model(), rows=MAX_ROWS + 1) == f"{GLUED} (not fused: more than {MAX_ROWS} rows)"
     if cpu_has_amx():
         assert decoding_path(int8_model()) == FUSED
     narrow = int8_model(n_head=8)  # head_dim 16
@@ -248,8 +254,8 @@ def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(chat)])
     fused_cache, plain_cache = new_cache(int8, 1, ids.shape[1] + 4), new_cache(int8, 1, ids.shape[1] + 4)
-    fused_cache.decode_blocks = block_runner(int8, fused_cache)
-    assert fused_cache.decode_blocks is not None
+    fused_cache.run_blocks = block_runner(int8, fused_cache)
+    assert fused_cache.run_blocks is not None
     with torch.no_grad():
         token = int8(ids, cache=fused_cache, last_only=True).argmax(-1)
         int8(ids, cache=plain_cache)

@@ -1,0 +1,212 @@
+"""bf16 prompts and decoding steps through glued_blocks.py (C between PyTorch's products) agree with the
+model's own PyTorch blocks, also under LoRA, and the path is taken only where the C code computes those blocks.
+
+The C code runs where its library is built and the KV cache is bf16 (CPUs with AVX-512 and AMX: the
+project's machine and its CI); elsewhere the agreement tests are skipped and the "not glued" tests run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_gpt2_config, tiny_llama_config, tiny_model
+
+from lora_tutorial import generation
+from lora_tutorial.decode_step import block_runner
+from lora_tutorial.generation import generate_ids
+from lora_tutorial.glued_blocks import GluedBlocks, glued_blocks, unglued_reason
+from lora_tutorial.int8_kernel import library
+from lora_tutorial.model import GPT
+from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
+
+needs_glue = pytest.mark.skipif(library() is None or not cpu_has_amx(),
+                                reason="glued_blocks.py runs only with the compiled library and a bf16 cache (AMX)")
+
+
+def bf16_model(**overrides) -> GPT:
+    """A tiny Llama-style model whose sizes the C pieces take (head_dim 32, grouped-query heads), frozen in bf16."""
+    config = tiny_llama_config(**{"d_model": 128, "n_head": 4, "n_kv_head": 2, "d_ff": 96, "n_layer": 3, **overrides})
+    model = tiny_model(config).requires_grad_(False)
+    cast_frozen_weights(model, torch.bfloat16)
+    return model
+
+
+def new_cache(model: GPT, rows: int, length: int):
+    """A cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
+    with torch.no_grad():
+        return model.new_cache(rows, length)
+
+
+class Spy:
+    """Wraps a runner and counts the forward passes it computed (returned a tensor for)."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, *args):
+        out = self.runner(*args)
+        self.calls += out is not None
+        return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 0.02) -> bool:
+    """Within bf16 rounding, row by row (a wrong position, head group or mask is off by O(1))."""
+    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
+    return bool(((a - b).norm(dim=-1) <= tolerance * b.norm(dim=-1) + 1e-6).all())
+
+
+def compare_paths(model: GPT, prompts: list[list[int]], steps: int = 5) -> int:
+    """Prompt and ``steps`` decoding steps glued and through the PyTorch blocks side by side; checks the
+    hidden states of real tokens and the cache columns each writes. Returns how many passes were glued."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    mask = None if bool(mask.all()) else mask
+    real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
+    glued_cache, plain_cache = new_cache(model, len(prompts), width + steps), new_cache(model, len(prompts), width + steps)
+    spy = Spy(glued_blocks(model, glued_cache))
+    glued_cache.run_blocks = spy
+    tokens = ids
+    with torch.no_grad():
+        for step in range(steps + 1):
+            start = plain_cache.length
+            glued = model.hidden_states(tokens, attention_mask=mask, cache=glued_cache)
+            plain = model.hidden_states(tokens, attention_mask=mask, cache=plain_cache)
+            assert close(glued[real], plain[real]), step
+            for layer in range(model.config.n_layer):
+                for mine, theirs in ((glued_cache.keys, plain_cache.keys), (glued_cache.values, plain_cache.values)):
+                    a = mine[layer][:, :, start:plain_cache.length].transpose(1, 2)[real]
+                    b = theirs[layer][:, :, start:plain_cache.length].transpose(1, 2)[real]
+                    assert close(a, b), (step, layer)
+            tokens = (model.lm_head(plain[:, -1:]).argmax(-1) * 7 + step) % model.config.vocab_size
+            real = torch.ones(tokens.shape, dtype=torch.bool)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+    return spy.calls
+
+
+# SmolLM2's head shape (3 query heads per key/value head, head_dim 64) has attention code of its own.
+SHAPES = {"generic": {}, "smollm2-heads": {"d_model": 384, "n_head": 6, "n_kv_head": 2}}
+PROMPTS = {"one row": [[5, 6, 7, 8, 9, 10, 11]],
+           "left-padded": [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]}
+
+
+@needs_glue
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("prompts", PROMPTS)
+def test_glued_prompt_and_steps_agree_with_the_pytorch_blocks(prompts, shape):
+    assert compare_paths(bf16_model(**SHAPES[shape]), PROMPTS[prompts]) == 6  # the prompt and 5 steps
+
+
+@needs_glue
+def test_many_long_rows_agree_on_two_threads():
+    """Enough rows for the C loops to run in parallel and for the layers' outputs to be large allocations
+    (C must read each before PyTorch frees it)."""
+    model = bf16_model(max_seq_len=160)
+    prompts = [[t % 90 + 5 for t in range(90 + 3 * (i % 7))] for i in range(24)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert compare_paths(model, prompts, steps=2) == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_glue
+def test_lora_layers_are_glued_and_agree():
+    """The products are the model's own modules: a LoRA wrapper still applies (B initialised non-zero here,
+    so that the adapter changes the outputs)."""
+    model = bf16_model()
+    add_adapter(model, LoraPEFTConfig(None, target_modules=["attention_qkv", "mlp_fc2"], adapter_dim=4, alpha=4,
+                                      row_init_method="normal"), verbose=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.requires_grad_(False)
+    assert unglued_reason(model, new_cache(model, 1, 8)) == ""
+    assert compare_paths(model, PROMPTS["left-padded"]) == 6
+
+
+@needs_glue
+def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeypatch):
+    model = bf16_model()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
+    runners = []
+
+    def recording_runner(model, cache):
+        runners.append(Spy(block_runner(model, cache)))
+        return runners[-1]
+
+    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    glued = generate_ids(model, prompts, tokens_to_generate=8)
+    assert runners and isinstance(runners[0].runner, GluedBlocks) and runners[0].calls == 8  # prompt + 7 steps
+    monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
+    assert glued == generate_ids(model, prompts, tokens_to_generate=8)
+
+
+@needs_glue
+def test_declines_gradients_another_model_and_a_full_cache():
+    model = bf16_model()
+    cache = new_cache(model, 1, 4)
+    runner = glued_blocks(model, cache)
+    x, positions = torch.zeros(1, 3, 128), torch.arange(3)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert runner(model, x, positions, None, True) is None  # gradients on
+        with torch.no_grad():
+            assert runner(bf16_model(), x, positions, None, True) is None
+            assert runner(model, torch.zeros(1, 5, 128), torch.arange(5)[None], None, True) is None  # 5 > 4 columns
+            assert runner(model, x, positions, None, True) is not None
+    with torch.no_grad():
+        assert runner(model, torch.zeros(1, 1, 128), torch.tensor([[3]]), None, False) is None  # no autocast
+
+
+def test_not_glued_where_the_c_code_would_compute_something_else():
+    """Every model whose blocks the C pieces do not compute gets None, and says why."""
+    plain = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96)).requires_grad_(False)
+    assert "KV cache is not bf16" in unglued_reason(plain, new_cache(plain, 1, 8))  # float32: float32 attention
+    gpt2 = tiny_model(tiny_gpt2_config()).requires_grad_(False)
+    cast_frozen_weights(gpt2, torch.bfloat16)
+    assert unglued_reason(gpt2, new_cache(gpt2, 1, 8)) == "only RoPE + RMSNorm + SwiGLU blocks without biases"
+    narrow = bf16_model(n_head=8)  # head_dim 16
+    assert "head_dim" in unglued_reason(narrow, new_cache(narrow, 1, 8))
+    long_cache = bf16_model()  # 64 rotary positions
+    assert "longer than the rotary tables" in unglued_reason(long_cache, new_cache(long_cache, 1, 65))
+    if not cpu_has_amx():
+        assert glued_blocks(bf16_model(), new_cache(bf16_model(), 1, 8)) is None  # float32 attention there
+        return
+    hooked = bf16_model()
+    hooked.blocks[1].attention.register_forward_hook(lambda *args: None)
+    assert unglued_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.1.attention has a forward hook"
+    wrapped = bf16_model()
+    wrapped.blocks[2].mlp = torch.nn.Sequential(wrapped.blocks[2].mlp)
+    assert unglued_reason(wrapped, new_cache(wrapped, 1, 8)) == "blocks.2.mlp is a Sequential"
+    if library() is None:
+        assert "no compiled kernel" in unglued_reason(bf16_model(), new_cache(bf16_model(), 1, 8))
+    else:
+        assert glued_blocks(bf16_model(), new_cache(bf16_model(), 1, 8)) is not None
+
+
+@needs_glue
+def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
+    """SmolLM2 in bf16: a real prompt glued and through the PyTorch blocks, hidden states within bf16
+    rounding (about 1 %), and the same greedy token wherever the choice is clear."""
+    model, tokenizer = smollm2
+    bf16 = copy.deepcopy(model).requires_grad_(False)
+    cast_frozen_weights(bf16, torch.bfloat16)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
+    ids = torch.tensor([tokenizer.encode(chat)])
+    glued_cache, plain_cache = new_cache(bf16, 1, ids.shape[1] + 4), new_cache(bf16, 1, ids.shape[1] + 4)
+    glued_cache.run_blocks = glued_blocks(bf16, glued_cache)
+    assert glued_cache.run_blocks is not None
+    token = ids
+    with torch.no_grad():
+        for _ in range(4):
+            glued = bf16.hidden_states(token, cache=glued_cache)[:, -1:]
+            plain = bf16.hidden_states(token, cache=plain_cache)[:, -1:]
+            assert (glued - plain).norm() <= 0.03 * plain.norm()
+            top2 = bf16.lm_head(plain).float().topk(2, dim=-1).values
+            if top2[..., 0] - top2[..., 1] > 0.5:  # a clear choice: rounding cannot flip it
+                assert bf16.lm_head(glued).argmax(-1) == bf16.lm_head(plain).argmax(-1)
+            token = bf16.lm_head(plain).argmax(-1)
