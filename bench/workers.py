@@ -219,11 +219,11 @@ def cmd_decode(args) -> dict:
               "new_tokens": args.tokens,
               "tokens_per_s": args.batch * args.tokens / best, "seconds": best, "weight_bytes": read,
               "peak_rss_mb": peak_rss_mb()}
-    if args.impl == "ours" and args.precision == "int8":
+    if args.impl == "ours" and args.precision in ("int8", "bf16"):
         from lora_tutorial.decode_step import decoding_path
         from lora_tutorial.int8_kernel import kernel_name
 
-        result["int8_kernel"] = kernel_name()
+        result["int8_kernel"] = kernel_name()  # (its library also holds the glued blocks' C pieces)
         result["decoding_steps"] = decoding_path(ours, args.batch)
     return result
 

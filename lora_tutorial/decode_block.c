@@ -1,6 +1,8 @@
-/* One decoding step of one transformer block of an int8 model, in one call (decode_step.py calls it).
+/* One decoding step of one transformer block of an int8 model, in one call (decode_step.py calls it);
+ * and, at the end of this file, its pieces on their own for glued_blocks.py, which calls them between the
+ * weight products of any bf16 model (prompts and steps).
  *
- * Built into the same library as int8_matvec.c (int8_kernel.py compiles both). It computes what
+ * Built into the same library as int8_matvec.c (int8_kernel.py compiles both). decode_block computes what
  * model.py's Block computes for one new token per row under bf16 autocast (precision.py), in the same
  * precisions:
  *
