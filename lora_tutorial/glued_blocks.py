@@ -72,6 +72,7 @@ class GluedBlocks:
         if mask is not None and mask.dtype != torch.bool:
             return None
         c, rows, start = model.config, B * T, cache.length
+        width = (c.n_head + 2 * c.n_kv_head) * c.head_dim  # the fused QKV output: queries, keys, values
         x = x.reshape(rows, d).clone(memory_format=torch.contiguous_format)  # the residual stream, updated in C
         positions = positions.reshape(rows).contiguous()
         visible = None
@@ -89,7 +90,7 @@ class GluedBlocks:
             keys, values = self.caches[i]
             self.lib.add_and_norm(x.data_ptr(), _address(previous), self.norms[i][0].data_ptr(), block.norm_1.eps,
                                   rows, d, h.data_ptr(), threads)
-            qkv = _bf16(block.attention.attention_qkv(h.view(B, T, d)))
+            qkv = _bf16(block.attention.attention_qkv(h.view(B, T, d)), rows, width, f"blocks.{i}.attention_qkv")
             if T == 1:
                 if self.lib.attention_of_step(qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), self.sizes, B,
                                               positions.data_ptr(), start, _address(visible), *rope,
@@ -100,12 +101,13 @@ class GluedBlocks:
                 self.lib.rope_and_cache(qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), self.sizes, B, T,
                                         positions.data_ptr(), start, *rope, threads)
                 y = self._prompt_attention(qkv, keys, values, start, mask, is_causal)
-            dense = _bf16(block.attention.attention_dense(y))  # named: C must read it before it is freed
+            # named: C must read it before it is freed
+            dense = _bf16(block.attention.attention_dense(y), rows, d, f"blocks.{i}.attention_dense")
             self.lib.add_and_norm(x.data_ptr(), dense.data_ptr(), self.norms[i][1].data_ptr(), block.norm_2.eps,
                                   rows, d, h.data_ptr(), threads)
-            gate_up = _bf16(block.mlp.mlp_fc1(h.view(B, T, d)))
+            gate_up = _bf16(block.mlp.mlp_fc1(h.view(B, T, d)), rows, 2 * c.d_ff, f"blocks.{i}.mlp_fc1")
             self.lib.swiglu_all(gate_up.data_ptr(), rows, c.d_ff, hidden.data_ptr(), threads)
-            previous = _bf16(block.mlp.mlp_fc2(hidden.view(B, T, c.d_ff)))
+            previous = _bf16(block.mlp.mlp_fc2(hidden.view(B, T, c.d_ff)), rows, d, f"blocks.{i}.mlp_fc2")
         x += previous.view(rows, d)
         return x.view(B, T, d)
 
@@ -121,9 +123,12 @@ class GluedBlocks:
         return y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim)
 
 
-def _bf16(y: torch.Tensor) -> torch.Tensor:
+def _bf16(y: torch.Tensor, rows: int, width: int, name: str) -> torch.Tensor:
     """A layer's output as C reads it: contiguous bf16 (under bf16 autocast it already is; a wrapper that
-    returns float32 is rounded here, where PyTorch's blocks would round it a step later)."""
+    returns float32 is rounded here, where PyTorch's blocks would round it a step later), and checked to
+    be rows x width (C would read past the end of anything smaller)."""
+    if y.numel() != rows * width:
+        raise ValueError(f"{name} returned a {tuple(y.shape)} tensor; {rows} rows of {width} expected")
     return y.to(torch.bfloat16).contiguous()
 
 

@@ -210,3 +210,11 @@ def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
             if top2[..., 0] - top2[..., 1] > 0.5:  # a clear choice: rounding cannot flip it
                 assert bf16.lm_head(glued).argmax(-1) == bf16.lm_head(plain).argmax(-1)
             token = bf16.lm_head(plain).argmax(-1)
+
+
+@needs_glue
+def test_a_layer_of_the_wrong_width_is_an_error_not_a_read_past_its_end():
+    model = bf16_model()
+    model.blocks[1].mlp.mlp_fc1 = torch.nn.Linear(128, 64, bias=False)  # SwiGLU expects 2 x 96 outputs
+    with pytest.raises(ValueError, match=r"blocks.1.mlp_fc1 returned a \(1, 3, 64\) tensor; 3 rows of 192 expected"):
+        generate_ids(model, [[5, 6, 7]], tokens_to_generate=2)
