@@ -1,7 +1,8 @@
 """The int8 decoding kernel: ``int8_matvec.c``, compiled on first use and called through ctypes.
 
-The same library holds ``decode_block.c``, a whole decoding step of one block built on these products,
-which ``decode_step.py`` calls.
+The same library holds ``decode_block.c``: a whole decoding step of one block built on these products,
+which ``decode_step.py`` calls, and the pieces of that step on their own, which ``glued_blocks.py`` calls
+between PyTorch's products when a bf16 model generates. (So a bf16 model builds the library too.)
 
 Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
 the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` streams them well below the
@@ -36,7 +37,7 @@ from .files import atomic_path
 from .precision import cpu_has_avx512
 from .pretrained import cache_dir
 
-# The int8 products, and a block's whole decoding step built on them (decode_step.py): one library.
+# The int8 products, and a block's decoding step and its pieces (decode_step.py, glued_blocks.py): one library.
 SOURCES = (Path(__file__).with_name("int8_matvec.c"), Path(__file__).with_name("decode_block.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 16  # more rows make the product compute-bound (the kernel re-reads each weight block per 4 rows)
