@@ -293,3 +293,24 @@ def assert_agrees_with_fp32_and_answers(fp32_model, model, tokenizer, min_agreem
     answer = tokenizer.decode(generate_ids(model, [tokenizer.encode(chat)], tokens_to_generate=12,
                                            stop_ids=[tokenizer.eos_id])[0])
     assert "Paris" in answer, answer
+
+
+# -- the C paths of generation (decode_step.py, glued_blocks.py) --------------------------------------------
+
+def generation_cache(model: GPT, rows: int, length: int):
+    """A KV cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
+    with torch.no_grad():
+        return model.new_cache(rows, length)
+
+
+class RunnerSpy:
+    """Wraps a block runner (``KVCache.run_blocks``) and counts the forward passes it computed (returned a
+    tensor for) in ``calls``."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, *args):
+        out = self.runner(*args)
+        self.calls += out is not None
+        return out

@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import tiny_llama_config, tiny_model
+from helpers import RunnerSpy, generation_cache, tiny_llama_config, tiny_model
 
 from lora_tutorial import generation
 from lora_tutorial.decode_step import FUSED, GLUED, BlockRunner, block_runner, decoding_path, unfused_reason
@@ -36,11 +36,6 @@ def int8_model(**overrides) -> GPT:
     return model
 
 
-def new_cache(model: GPT, rows: int, length: int):
-    """A cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
-    with torch.no_grad():
-        return model.new_cache(rows, length)
-
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     width = max(map(len, prompts))
@@ -48,17 +43,6 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return ids, None if bool(mask.all()) else mask
 
-
-class Spy:
-    """Wraps a block runner and counts the steps it actually computed (returned a tensor for)."""
-
-    def __init__(self, runner):
-        self.runner, self.fused = runner, 0
-
-    def __call__(self, *args):
-        out = self.runner(*args)
-        self.fused += out is not None
-        return out
 
 
 # SmolLM2's head shape (3 query heads per key/value head, head_dim 64) has code of its own in decode_block.c;
@@ -76,8 +60,8 @@ SHAPES = {"generic": {}, "smollm2-heads": {"d_model": 384, "n_head": 6, "n_kv_he
 def test_fused_steps_agree_with_the_pytorch_blocks(prompts, shape):
     model = int8_model(**SHAPES[shape])
     ids, mask = left_padded(prompts)
-    fused_cache, plain_cache = new_cache(model, len(prompts), 20), new_cache(model, len(prompts), 20)
-    spy = Spy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
+    fused_cache, plain_cache = generation_cache(model, len(prompts), 20), generation_cache(model, len(prompts), 20)
+    spy = RunnerSpy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
     fused_cache.run_blocks = spy
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=fused_cache)
@@ -96,7 +80,7 @@ def test_fused_steps_agree_with_the_pytorch_blocks(prompts, shape):
                     a, b = mine[layer][:, :, column].float(), theirs[layer][:, :, column].float()
                     assert (a - b).norm() <= 0.02 * b.norm(), (step, layer)
             tokens = (tokens * 7 + step) % model.config.vocab_size
-    assert spy.fused == 6  # every decoding step went through C; the prompt did not
+    assert spy.calls == 6  # every decoding step went through C; the prompt did not
 
 
 @needs_fused
@@ -105,8 +89,8 @@ def test_sixteen_long_padded_rows_agree_with_the_pytorch_blocks():
     model = int8_model(max_seq_len=128)
     prompts = [list(range(5, 5 + 60 + 3 * (i % 5))) for i in range(MAX_ROWS)]
     ids, mask = left_padded(prompts)
-    fused_cache, plain_cache = new_cache(model, MAX_ROWS, 80), new_cache(model, MAX_ROWS, 80)
-    spy = Spy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
+    fused_cache, plain_cache = generation_cache(model, MAX_ROWS, 80), generation_cache(model, MAX_ROWS, 80)
+    spy = RunnerSpy(BlockRunner(model, fused_cache))  # no fallback: the prompt runs the PyTorch blocks
     fused_cache.run_blocks = spy
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -120,7 +104,7 @@ def test_sixteen_long_padded_rows_agree_with_the_pytorch_blocks():
             plain = model.hidden_states(tokens, attention_mask=mask, cache=plain_cache)
     finally:
         torch.set_num_threads(threads)
-    assert spy.fused == 1
+    assert spy.calls == 1
     assert ((fused - plain).norm(dim=-1) <= 0.02 * plain.norm(dim=-1)).all()  # every row on its own
 
 
@@ -129,13 +113,13 @@ def test_gradients_a_virtual_prompt_and_another_model():
     """With gradients on the PyTorch blocks would compute otherwise: not fused. A p-tuning prompt changes
     only the prefill: fused, and the same answers. A runner asked by another model declines."""
     model = int8_model()
-    cache = new_cache(model, 1, 8)
-    spy = Spy(BlockRunner(model, cache))  # no fallback: the prompt runs the PyTorch blocks
+    cache = generation_cache(model, 1, 8)
+    spy = RunnerSpy(BlockRunner(model, cache))  # no fallback: the prompt runs the PyTorch blocks
     cache.run_blocks = spy
     with torch.no_grad():
         model(torch.tensor([[5, 6, 7]]), cache=cache)
     model(torch.tensor([[8]]), cache=cache)  # gradients on
-    assert spy.fused == 0
+    assert spy.calls == 0
     other = int8_model()
     with torch.no_grad():
         assert spy.runner(other, torch.zeros(1, 1, 128), torch.zeros(1, 1, dtype=torch.long), None) is None
@@ -146,7 +130,7 @@ def test_gradients_a_virtual_prompt_and_another_model():
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     fused = generate_ids(prompted, prompts, tokens_to_generate=6)
     with torch.no_grad():
-        assert block_runner(prompted, new_cache(prompted, 2, 9)) is not None  # the blocks are plain
+        assert block_runner(prompted, generation_cache(prompted, 2, 9)) is not None  # the blocks are plain
     plain_runner = generation.block_runner
     try:
         generation.block_runner = lambda model, cache: None
@@ -162,12 +146,12 @@ def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeyp
     runners = []
 
     def recording_runner(model, cache):
-        runners.append(Spy(block_runner(model, cache)))
+        runners.append(RunnerSpy(block_runner(model, cache)))
         return runners[-1]
 
     monkeypatch.setattr(generation, "block_runner", recording_runner)
     fused = generate_ids(model, prompts, tokens_to_generate=8)
-    assert runners and runners[0].fused == 8  # 8 tokens: the prompt (glued), then 7 fused steps
+    assert runners and runners[0].calls == 8  # 8 tokens: the prompt (glued), then 7 fused steps
     assert isinstance(runners[0].runner, BlockRunner)
     monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
     assert fused == generate_ids(model, prompts, tokens_to_generate=8)
@@ -196,51 +180,51 @@ def test_a_finished_generation_frees_its_cache_at_once(monkeypatch):
 @needs_fused
 def test_more_rows_than_the_kernel_takes_fall_back_to_the_glued_blocks():
     model = int8_model()
-    cache = new_cache(model, MAX_ROWS + 1, 8)
+    cache = generation_cache(model, MAX_ROWS + 1, 8)
     runner = block_runner(model, cache)
     assert isinstance(runner.fallback, GluedBlocks)
-    runner.fallback = spy = Spy(runner.fallback)
+    runner.fallback = spy = RunnerSpy(runner.fallback)
     cache.run_blocks = runner
     with torch.no_grad():
         model(torch.full((MAX_ROWS + 1, 3), 5), cache=cache)
         assert runner._step(model, torch.zeros(MAX_ROWS + 1, 1, 128), torch.zeros(MAX_ROWS + 1, 1, dtype=torch.long),
                             None) is None
         out = model(torch.full((MAX_ROWS + 1, 1), 6), cache=cache)
-    assert spy.fused == 2 and out.shape == (MAX_ROWS + 1, 1, model.config.vocab_size)  # the prompt and the step
+    assert spy.calls == 2 and out.shape == (MAX_ROWS + 1, 1, model.config.vocab_size)  # the prompt and the step
 
 
 def test_not_fused_where_the_c_code_would_compute_something_else():
     """Every model the C code does not compute exactly gets None, and says why."""
     if library() is None:
         model = int8_model()
-        assert block_runner(model, new_cache(model, 1, 8)) is None
-        assert "no compiled kernel" in unfused_reason(model, new_cache(model, 1, 8))
+        assert block_runner(model, generation_cache(model, 1, 8)) is None
+        assert "no compiled kernel" in unfused_reason(model, generation_cache(model, 1, 8))
         return
     plain = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96)).requires_grad_(False)
-    assert "KV cache is not bf16" in unfused_reason(plain, new_cache(plain, 1, 8))  # float32: float32 attention
+    assert "KV cache is not bf16" in unfused_reason(plain, generation_cache(plain, 1, 8))  # float32: float32 attention
     cast_frozen_weights(plain, torch.bfloat16)
     if cpu_has_amx():
-        assert unfused_reason(plain, new_cache(plain, 1, 8)) == "blocks.0.attention.attention_qkv is a Linear"
+        assert unfused_reason(plain, generation_cache(plain, 1, 8)) == "blocks.0.attention.attention_qkv is a Linear"
     lora = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96))
     add_adapter(lora, LoraPEFTConfig(None, target_modules=["attention_qkv"], adapter_dim=4, alpha=4,
                                      row_init_method="normal"), verbose=False)
     quantize_int8(lora)
     if cpu_has_amx():
-        assert unfused_reason(lora, new_cache(lora, 1, 8)) == "blocks.0.attention.attention_qkv is a LoRALinear"
+        assert unfused_reason(lora, generation_cache(lora, 1, 8)) == "blocks.0.attention.attention_qkv is a LoRALinear"
     hooked = int8_model()
     hooked.blocks[2].mlp.register_forward_hook(lambda *args: None)
     if cpu_has_amx():
-        assert unfused_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
+        assert unfused_reason(hooked, generation_cache(hooked, 1, 8)) == "blocks.2.mlp has a forward hook"
     long_cache = int8_model()  # 64 rotary positions
-    assert "longer than the rotary tables" in unfused_reason(long_cache, new_cache(long_cache, 1, 65))
+    assert "longer than the rotary tables" in unfused_reason(long_cache, generation_cache(long_cache, 1, 65))
     if cpu_has_amx():  # a bf16 model: the glued blocks
-        assert decoding_path(plain) == f"{GLUED} (not fused: {unfused_reason(plain, new_cache(plain, 1, 8))})"
+        assert decoding_path(plain) == f"{GLUED} (not fused: {unfused_reason(plain, generation_cache(plain, 1, 8))})"
         assert decoding_path(int8_model(), rows=MAX_ROWS + 1) == f"{GLUED} (not fused: more than {MAX_ROWS} rows)"
     if cpu_has_amx():
         assert decoding_path(int8_model()) == FUSED
     narrow = int8_model(n_head=8)  # head_dim 16
-    assert "head_dim" in unfused_reason(narrow, new_cache(narrow, 1, 8))
-    assert block_runner(narrow, new_cache(narrow, 1, 8)) is None
+    assert "head_dim" in unfused_reason(narrow, generation_cache(narrow, 1, 8))
+    assert block_runner(narrow, generation_cache(narrow, 1, 8)) is None
 
 
 @needs_fused
@@ -253,7 +237,7 @@ def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
     quantize_int8(int8)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(chat)])
-    fused_cache, plain_cache = new_cache(int8, 1, ids.shape[1] + 4), new_cache(int8, 1, ids.shape[1] + 4)
+    fused_cache, plain_cache = generation_cache(int8, 1, ids.shape[1] + 4), generation_cache(int8, 1, ids.shape[1] + 4)
     fused_cache.run_blocks = block_runner(int8, fused_cache)
     assert fused_cache.run_blocks is not None
     with torch.no_grad():

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_gpt2_config, tiny_llama_config, tiny_model
+from helpers import RunnerSpy, generation_cache, tiny_gpt2_config, tiny_llama_config, tiny_model
 
 from lora_tutorial import generation
 from lora_tutorial.decode_step import block_runner
@@ -33,22 +33,6 @@ def bf16_model(**overrides) -> GPT:
     return model
 
 
-def new_cache(model: GPT, rows: int, length: int):
-    """A cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
-    with torch.no_grad():
-        return model.new_cache(rows, length)
-
-
-class Spy:
-    """Wraps a runner and counts the forward passes it computed (returned a tensor for)."""
-
-    def __init__(self, runner):
-        self.runner, self.calls = runner, 0
-
-    def __call__(self, *args):
-        out = self.runner(*args)
-        self.calls += out is not None
-        return out
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 0.02) -> bool:
@@ -65,8 +49,8 @@ def compare_paths(model: GPT, prompts: list[list[int]], steps: int = 5) -> int:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     mask = None if bool(mask.all()) else mask
     real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
-    glued_cache, plain_cache = new_cache(model, len(prompts), width + steps), new_cache(model, len(prompts), width + steps)
-    spy = Spy(glued_blocks(model, glued_cache))
+    glued_cache, plain_cache = generation_cache(model, len(prompts), width + steps), generation_cache(model, len(prompts), width + steps)
+    spy = RunnerSpy(glued_blocks(model, glued_cache))
     glued_cache.run_blocks = spy
     tokens = ids
     with torch.no_grad():
@@ -125,7 +109,7 @@ def test_lora_layers_are_glued_and_agree():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     model.requires_grad_(False)
-    assert unglued_reason(model, new_cache(model, 1, 8)) == ""
+    assert unglued_reason(model, generation_cache(model, 1, 8)) == ""
     assert compare_paths(model, PROMPTS["left-padded"]) == 6
 
 
@@ -136,7 +120,7 @@ def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeyp
     runners = []
 
     def recording_runner(model, cache):
-        runners.append(Spy(block_runner(model, cache)))
+        runners.append(RunnerSpy(block_runner(model, cache)))
         return runners[-1]
 
     monkeypatch.setattr(generation, "block_runner", recording_runner)
@@ -149,7 +133,7 @@ def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeyp
 @needs_glue
 def test_declines_gradients_another_model_and_a_full_cache():
     model = bf16_model()
-    cache = new_cache(model, 1, 4)
+    cache = generation_cache(model, 1, 4)
     runner = glued_blocks(model, cache)
     x, positions = torch.zeros(1, 3, 128), torch.arange(3)[None]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -165,27 +149,27 @@ def test_declines_gradients_another_model_and_a_full_cache():
 def test_not_glued_where_the_c_code_would_compute_something_else():
     """Every model whose blocks the C pieces do not compute gets None, and says why."""
     plain = tiny_model(tiny_llama_config(d_model=128, n_head=4, n_kv_head=2, d_ff=96)).requires_grad_(False)
-    assert "KV cache is not bf16" in unglued_reason(plain, new_cache(plain, 1, 8))  # float32: float32 attention
+    assert "KV cache is not bf16" in unglued_reason(plain, generation_cache(plain, 1, 8))  # float32: float32 attention
     gpt2 = tiny_model(tiny_gpt2_config()).requires_grad_(False)
     cast_frozen_weights(gpt2, torch.bfloat16)
-    assert unglued_reason(gpt2, new_cache(gpt2, 1, 8)) == "only RoPE + RMSNorm + SwiGLU blocks without biases"
+    assert unglued_reason(gpt2, generation_cache(gpt2, 1, 8)) == "only RoPE + RMSNorm + SwiGLU blocks without biases"
     narrow = bf16_model(n_head=8)  # head_dim 16
-    assert "head_dim" in unglued_reason(narrow, new_cache(narrow, 1, 8))
+    assert "head_dim" in unglued_reason(narrow, generation_cache(narrow, 1, 8))
     long_cache = bf16_model()  # 64 rotary positions
-    assert "longer than the rotary tables" in unglued_reason(long_cache, new_cache(long_cache, 1, 65))
+    assert "longer than the rotary tables" in unglued_reason(long_cache, generation_cache(long_cache, 1, 65))
     if not cpu_has_amx():
-        assert glued_blocks(bf16_model(), new_cache(bf16_model(), 1, 8)) is None  # float32 attention there
+        assert glued_blocks(bf16_model(), generation_cache(bf16_model(), 1, 8)) is None  # float32 attention there
         return
     hooked = bf16_model()
     hooked.blocks[1].attention.register_forward_hook(lambda *args: None)
-    assert unglued_reason(hooked, new_cache(hooked, 1, 8)) == "blocks.1.attention has a forward hook"
+    assert unglued_reason(hooked, generation_cache(hooked, 1, 8)) == "blocks.1.attention has a forward hook"
     wrapped = bf16_model()
     wrapped.blocks[2].mlp = torch.nn.Sequential(wrapped.blocks[2].mlp)
-    assert unglued_reason(wrapped, new_cache(wrapped, 1, 8)) == "blocks.2.mlp is a Sequential"
+    assert unglued_reason(wrapped, generation_cache(wrapped, 1, 8)) == "blocks.2.mlp is a Sequential"
     if library() is None:
-        assert "no compiled kernel" in unglued_reason(bf16_model(), new_cache(bf16_model(), 1, 8))
+        assert "no compiled kernel" in unglued_reason(bf16_model(), generation_cache(bf16_model(), 1, 8))
     else:
-        assert glued_blocks(bf16_model(), new_cache(bf16_model(), 1, 8)) is not None
+        assert glued_blocks(bf16_model(), generation_cache(bf16_model(), 1, 8)) is not None
 
 
 @needs_glue
@@ -197,7 +181,7 @@ def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
     cast_frozen_weights(bf16, torch.bfloat16)
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(chat)])
-    glued_cache, plain_cache = new_cache(bf16, 1, ids.shape[1] + 4), new_cache(bf16, 1, ids.shape[1] + 4)
+    glued_cache, plain_cache = generation_cache(bf16, 1, ids.shape[1] + 4), generation_cache(bf16, 1, ids.shape[1] + 4)
     glued_cache.run_blocks = glued_blocks(bf16, glued_cache)
     assert glued_cache.run_blocks is not None
     token = ids
