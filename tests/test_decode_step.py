@@ -12,7 +12,6 @@ import weakref
 
 import pytest
 import torch
-from helpers import RunnerSpy, generation_cache, tiny_llama_config, tiny_model
 
 from lora_tutorial import generation
 from lora_tutorial.decode_step import FUSED, GLUED, BlockRunner, block_runner, decoding_path, unfused_reason
@@ -23,6 +22,8 @@ from lora_tutorial.model import GPT
 from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import quantize_int8
+
+from helpers import RunnerSpy, generation_cache, tiny_llama_config, tiny_model
 
 needs_fused = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                  reason="decode_block.c runs only with the compiled kernel and a bf16 cache (AMX)")

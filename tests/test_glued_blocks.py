@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-from helpers import RunnerSpy, generation_cache, tiny_gpt2_config, tiny_llama_config, tiny_model
 
 from lora_tutorial import generation
 from lora_tutorial.decode_step import block_runner
@@ -20,6 +19,8 @@ from lora_tutorial.int8_kernel import library
 from lora_tutorial.model import GPT
 from lora_tutorial.peft import LoraPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
+
+from helpers import RunnerSpy, generation_cache, tiny_gpt2_config, tiny_llama_config, tiny_model
 
 needs_glue = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                 reason="glued_blocks.py runs only with the compiled library and a bf16 cache (AMX)")
