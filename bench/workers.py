@@ -223,7 +223,8 @@ def cmd_decode(args) -> dict:
         from lora_tutorial.decode_step import decoding_path
         from lora_tutorial.int8_kernel import kernel_name
 
-        result["int8_kernel"] = kernel_name()  # (its library also holds the glued blocks' C pieces)
+        if args.precision == "int8":
+            result["int8_kernel"] = kernel_name()
         result["decoding_steps"] = decoding_path(ours, args.batch)
     return result
 

@@ -24,7 +24,7 @@
  * compare the two paths.
  *
  * Needs AVX-512 F, BW and VL, head_dim a multiple of 32 (at most 512), d_model and d_ff multiples of 16
- * (decode_step.py checks all of it).
+ * (glued_blocks.unglued_reason checks all of it).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -70,7 +70,7 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* The model's sizes, in the order decode_step.py passes them. */
+/* The model's sizes, in the order decode_step.py and glued_blocks.py pass them. */
 enum { D_MODEL, N_HEAD, N_KV_HEAD, HEAD_DIM, D_FF, MAX_LEN, N_SIZES };
 
 /* out = bf16(x / rms(x) * weight), as RMSNorm.forward (d: a multiple of 16). The mean of squares is
@@ -199,86 +199,8 @@ static void attend(const uint16_t *q, int group, const uint16_t *keys, const uin
     else attend_heads(q, group, keys, values, visible, columns, dim / 16, scores, out);
 }
 
-/* ---- Attention and SwiGLU for every row of a step -------------------------------------------------------- */
-
-/* The attention of one decoding step from the QKV projection's output (rows x (n_head + 2 n_kv) x dim,
- * bf16, rotated in place): rotate queries and keys at each row's position, write keys and values into the
- * cache's `column`, attend over the columns `visible` marks (rows x (column + 1) bytes; NULL: all).
- * keys, values: the layer's cache (rows x n_kv x max_len x dim, bf16); out: rows x n_head x dim, bf16.
- * Returns 0, or 1 where scratch memory could not be allocated. */
-static int attention_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
-                          const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
-                          const float *sin_signed, uint16_t *out, int threads) {
-    const int64_t n_head = sizes[N_HEAD], n_kv = sizes[N_KV_HEAD], dim = sizes[HEAD_DIM], max_len = sizes[MAX_LEN];
-    const int64_t width = (n_head + 2 * n_kv) * dim, group = n_head / n_kv, columns = column + 1;
-    for (int64_t m = 0; m < rows; m++) {
-        uint16_t *row = qkv + m * width;
-        const float *c = cos + positions[m] * dim, *s = sin_signed + positions[m] * dim;
-        for (int64_t head = 0; head < n_head + n_kv; head++) rope(row + head * dim, c, s, dim);
-        for (int64_t g = 0; g < n_kv; g++) {
-            int64_t at = ((m * n_kv + g) * max_len + column) * dim;
-            memcpy(keys + at, row + (n_head + g) * dim, sizeof(uint16_t) * dim);
-            memcpy(values + at, row + (n_head + n_kv + g) * dim, sizeof(uint16_t) * dim);
-        }
-    }
-    float *scores = malloc(sizeof(float) * rows * n_head * columns);
-    if (!scores) return 1;
-    const int64_t parts = (group + MAX_GROUP - 1) / MAX_GROUP;  /* query heads per key/value head, in parts */
-    #pragma omp parallel for schedule(static) num_threads(threads) if(rows * n_head * columns >= 4096)
-    for (int64_t task = 0; task < rows * n_kv * parts; task++) {  /* one (row, key/value head, part) each */
-        int64_t m = task / (n_kv * parts), g = task / parts % n_kv, first = g * group + task % parts * MAX_GROUP;
-        int count = (int)(g * group + group - first < MAX_GROUP ? g * group + group - first : MAX_GROUP);
-        int64_t cached = (m * n_kv + g) * max_len * dim;
-        attend(qkv + m * width + first * dim, count, keys + cached, values + cached,
-               visible ? visible + m * columns : NULL, columns, dim, scores + (m * n_head + first) * columns,
-               out + (m * n_head + first) * dim);
-    }
-    free(scores);
-    return 0;
-}
-
-/* out = bf16(bf16(silu(gate)) * up) for the fc1 output gate_up (rows x 2 ff, gate first), as MLP.forward. */
-static void swiglu_rows(const uint16_t *gate_up, int64_t rows, int64_t ff, uint16_t *out) {
-    for (int64_t m = 0; m < rows; m++) swiglu(gate_up + m * 2 * ff, gate_up + m * 2 * ff + ff, out + m * ff, ff);
-}
-
-/* ---- A whole block: the parts above around int8_matmul ------------------------------------------------ */
-
-/* The block's tensors, in the order decode_step.py passes their addresses. */
-enum { NORM_1, QKV, QKV_SCALE, DENSE, DENSE_SCALE, NORM_2, FC1, FC1_SCALE, FC2, FC2_SCALE, KEYS, VALUES };
-
-/* One block for `rows` new tokens: x (rows x d, float32) updated in place; the other arguments as for
- * attention_step. Returns 0, or 1 where scratch memory could not be allocated (x is left as it was). */
-int decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x, int64_t rows,
-                  const int64_t *positions, int64_t column, const uint8_t *visible,
-                  const float *cos, const float *sin_signed, int threads) {
-    const int64_t d = sizes[D_MODEL], inner = sizes[N_HEAD] * sizes[HEAD_DIM], ff = sizes[D_FF];
-    const int64_t width = (sizes[N_HEAD] + 2 * sizes[N_KV_HEAD]) * sizes[HEAD_DIM];
-    uint16_t *h = malloc(sizeof(uint16_t) * rows * d), *y = malloc(sizeof(uint16_t) * rows * d);
-    uint16_t *qkv = malloc(sizeof(uint16_t) * rows * width), *attended = malloc(sizeof(uint16_t) * rows * inner);
-    uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * ff), *hidden = malloc(sizeof(uint16_t) * rows * ff);
-    int failed = !(h && y && qkv && attended && gate_up && hidden);
-    if (failed) goto done;
-
-    for (int64_t m = 0; m < rows; m++) rms_norm(x + m * d, tensors[NORM_1], eps, d, h + m * d);
-    int8_matmul(h, tensors[QKV], tensors[QKV_SCALE], qkv, rows, d, width, threads);
-    failed = attention_step(qkv, tensors[KEYS], tensors[VALUES], sizes, rows, positions, column, visible, cos,
-                            sin_signed, attended, threads);
-    if (failed) goto done;
-    int8_matmul(attended, tensors[DENSE], tensors[DENSE_SCALE], y, rows, inner, d, threads);
-    add_residual(x, y, rows * d);
-    for (int64_t m = 0; m < rows; m++) rms_norm(x + m * d, tensors[NORM_2], eps, d, h + m * d);
-    int8_matmul(h, tensors[FC1], tensors[FC1_SCALE], gate_up, rows, d, 2 * ff, threads);
-    swiglu_rows(gate_up, rows, ff, hidden);
-    int8_matmul(hidden, tensors[FC2], tensors[FC2_SCALE], y, rows, ff, d, threads);
-    add_residual(x, y, rows * d);
-
-done:
-    free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);  /* free(NULL) does nothing */
-    return failed;
-}
-
-/* ---- The same pieces between PyTorch's products (glued_blocks.py: bf16 models, prompts and steps) ---- */
+/* ---- The pieces of a block, each for every row at once (decode_block below; glued_blocks.py calls them
+ * between PyTorch's products for bf16 models) --------------------------------------------------------- */
 
 /* x += y where y is not NULL (float32 residual stream plus a bf16 block output), then out = the RMSNorm of
  * each of the `rows` rows of x: the residual add and the next block's norm in one pass. */
@@ -289,14 +211,6 @@ void add_and_norm(float *x, const uint16_t *y, const float *weight, float eps, i
         if (y) add_residual(x + m * d, y + m * d, d);
         rms_norm(x + m * d, weight, eps, d, out + m * d);
     }
-}
-
-/* The attention of one decoding step (attention_step above), for callers outside this file. */
-int attention_of_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
-                      const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
-                      const float *sin_signed, uint16_t *out, int threads) {
-    return attention_step(qkv, keys, values, sizes, rows, positions, column, visible, cos, sin_signed, out,
-                          threads);
 }
 
 /* A prompt's part of attention before the scores: rotate the queries and keys of qkv (batch x length rows of
@@ -325,4 +239,66 @@ void rope_and_cache(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64
 void swiglu_all(const uint16_t *gate_up, int64_t rows, int64_t ff, uint16_t *out, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if(rows >= 16)
     for (int64_t m = 0; m < rows; m++) swiglu(gate_up + m * 2 * ff, gate_up + m * 2 * ff + ff, out + m * ff, ff);
+}
+
+/* The attention of one decoding step from the QKV projection's output (rows x (n_head + 2 n_kv) x dim,
+ * bf16, rotated in place): rotate queries and keys at each row's position, write keys and values into the
+ * cache's `column`, attend over the columns `visible` marks (rows x (column + 1) bytes; NULL: all).
+ * keys, values: the layer's cache (rows x n_kv x max_len x dim, bf16); out: rows x n_head x dim, bf16.
+ * Returns 0, or 1 where scratch memory could not be allocated. */
+int attention_of_step(uint16_t *qkv, uint16_t *keys, uint16_t *values, const int64_t *sizes, int64_t rows,
+                      const int64_t *positions, int64_t column, const uint8_t *visible, const float *cos,
+                      const float *sin_signed, uint16_t *out, int threads) {
+    const int64_t n_head = sizes[N_HEAD], n_kv = sizes[N_KV_HEAD], dim = sizes[HEAD_DIM], max_len = sizes[MAX_LEN];
+    const int64_t width = (n_head + 2 * n_kv) * dim, group = n_head / n_kv, columns = column + 1;
+    rope_and_cache(qkv, keys, values, sizes, rows, 1, positions, column, cos, sin_signed, threads);
+    float *scores = malloc(sizeof(float) * rows * n_head * columns);
+    if (!scores) return 1;
+    const int64_t parts = (group + MAX_GROUP - 1) / MAX_GROUP;  /* query heads per key/value head, in parts */
+    #pragma omp parallel for schedule(static) num_threads(threads) if(rows * n_head * columns >= 4096)
+    for (int64_t task = 0; task < rows * n_kv * parts; task++) {  /* one (row, key/value head, part) each */
+        int64_t m = task / (n_kv * parts), g = task / parts % n_kv, first = g * group + task % parts * MAX_GROUP;
+        int count = (int)(g * group + group - first < MAX_GROUP ? g * group + group - first : MAX_GROUP);
+        int64_t cached = (m * n_kv + g) * max_len * dim;
+        attend(qkv + m * width + first * dim, count, keys + cached, values + cached,
+               visible ? visible + m * columns : NULL, columns, dim, scores + (m * n_head + first) * columns,
+               out + (m * n_head + first) * dim);
+    }
+    free(scores);
+    return 0;
+}
+
+/* ---- A whole block: the parts above around int8_matmul ------------------------------------------------ */
+
+/* The block's tensors, in the order decode_step.py passes their addresses. */
+enum { NORM_1, QKV, QKV_SCALE, DENSE, DENSE_SCALE, NORM_2, FC1, FC1_SCALE, FC2, FC2_SCALE, KEYS, VALUES };
+
+/* One block for `rows` new tokens: x (rows x d, float32) updated in place; the other arguments as for
+ * attention_of_step. Returns 0, or 1 where scratch memory could not be allocated (x is left as it was). */
+int decode_block(void *const *tensors, const int64_t *sizes, float eps, float *x, int64_t rows,
+                  const int64_t *positions, int64_t column, const uint8_t *visible,
+                  const float *cos, const float *sin_signed, int threads) {
+    const int64_t d = sizes[D_MODEL], inner = sizes[N_HEAD] * sizes[HEAD_DIM], ff = sizes[D_FF];
+    const int64_t width = (sizes[N_HEAD] + 2 * sizes[N_KV_HEAD]) * sizes[HEAD_DIM];
+    uint16_t *h = malloc(sizeof(uint16_t) * rows * d), *y = malloc(sizeof(uint16_t) * rows * d);
+    uint16_t *qkv = malloc(sizeof(uint16_t) * rows * width), *attended = malloc(sizeof(uint16_t) * rows * inner);
+    uint16_t *gate_up = malloc(sizeof(uint16_t) * rows * 2 * ff), *hidden = malloc(sizeof(uint16_t) * rows * ff);
+    int failed = !(h && y && qkv && attended && gate_up && hidden);
+    if (failed) goto done;
+
+    add_and_norm(x, NULL, tensors[NORM_1], eps, rows, d, h, threads);
+    int8_matmul(h, tensors[QKV], tensors[QKV_SCALE], qkv, rows, d, width, threads);
+    failed = attention_of_step(qkv, tensors[KEYS], tensors[VALUES], sizes, rows, positions, column, visible, cos,
+                               sin_signed, attended, threads);
+    if (failed) goto done;
+    int8_matmul(attended, tensors[DENSE], tensors[DENSE_SCALE], y, rows, inner, d, threads);
+    add_and_norm(x, y, tensors[NORM_2], eps, rows, d, h, threads);  /* x += attention; h = norm_2(x) */
+    int8_matmul(h, tensors[FC1], tensors[FC1_SCALE], gate_up, rows, d, 2 * ff, threads);
+    swiglu_all(gate_up, rows, ff, hidden, threads);
+    int8_matmul(hidden, tensors[FC2], tensors[FC2_SCALE], y, rows, ff, d, threads);
+    add_residual(x, y, rows * d);
+
+done:
+    free(h); free(y); free(qkv); free(attended); free(gate_up); free(hidden);  /* free(NULL) does nothing */
+    return failed;
 }

@@ -30,7 +30,7 @@ import weakref
 import torch
 from torch import nn
 
-from .glued_blocks import GluedBlocks, glued_blocks, unglued_reason
+from .glued_blocks import GluedBlocks, block_products, glued_blocks, unglued_reason
 from .int8_kernel import MAX_ROWS, library
 from .model import GPT, Block, KVCache
 from .quantize import Int8Linear
@@ -105,7 +105,7 @@ def block_runner(model: GPT, cache: KVCache) -> BlockRunner | GluedBlocks | None
     ``BlockRunner`` (int8 decoding steps, falling back to ``GluedBlocks`` for prompts), ``GluedBlocks``
     (``unfused_reason`` says why not fused), or None (``glued_blocks.unglued_reason`` says why)."""
     glued = glued_blocks(model, cache)
-    if glued is None or unfused_reason(model, cache):
+    if glued is None or _int8_blocks_reason(model):
         return glued
     return BlockRunner(model, cache, fallback=glued)
 
@@ -129,13 +129,13 @@ def decoding_path(model: GPT, rows: int = 1) -> str:
 
 def unfused_reason(model: GPT, cache: KVCache) -> str:
     """Why decode_block.c cannot run ``model``'s blocks with ``cache`` in one call each, or "" when it can."""
-    reason = unglued_reason(model, cache)  # the C pieces must apply, and then every product be int8
-    if reason:
-        return reason
+    return unglued_reason(model, cache) or _int8_blocks_reason(model)  # the C pieces, and int8 products
+
+
+def _int8_blocks_reason(model: GPT) -> str:
+    """The first of ``model``'s block products that decode_block.c cannot multiply by itself ("" if none)."""
     for i, block in enumerate(model.blocks):
-        a, m = block.attention, block.mlp
-        for name, layer in {"attention.attention_qkv": a.attention_qkv, "attention.attention_dense": a.attention_dense,
-                            "mlp.mlp_fc1": m.mlp_fc1, "mlp.mlp_fc2": m.mlp_fc2}.items():
+        for name, layer in block_products(block).items():
             reason = _int8_reason(layer)
             if reason:
                 return f"blocks.{i}.{name} {reason}"
@@ -146,8 +146,6 @@ def _int8_reason(layer: nn.Module) -> str:
     """What keeps decode_block.c from multiplying by ``layer`` itself ("" when nothing)."""
     if type(layer) is not Int8Linear:
         return f"is a {type(layer).__name__}"
-    if layer._forward_hooks or layer._forward_pre_hooks:
-        return "has a forward hook"
     if (layer.bias is not None or layer.weight_int8.dtype != torch.int8 or layer.scale.dtype != torch.bfloat16
             or not layer.weight_int8.is_contiguous() or not layer.scale.is_contiguous()):
         return "is not a contiguous int8 matrix with bf16 scales and no bias"

@@ -55,6 +55,7 @@ class GluedBlocks:
         self.norms = [(b.norm_1.weight.detach().float().contiguous(), b.norm_2.weight.detach().float().contiguous())
                       for b in model.blocks]
         self.caches = [(k, v) for k, v in zip(cache.keys, cache.values)]  # alive while C writes them
+        self.unfit = ""  # why not, once a layer has returned what C cannot take (then every call declines)
 
     def __call__(self, model: GPT, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                  is_causal: bool) -> torch.Tensor | None:
@@ -63,16 +64,25 @@ class GluedBlocks:
 
         ``model``: the GPT asking; ``positions`` (B, T): each token's rotary position; ``mask``, ``is_causal``:
         what GPT passes its blocks (a boolean SDPA mask over the cache and the new tokens, or None)."""
-        B, T, d = x.shape
+        B, T = x.shape[:2]
         cache = self.cache()
         if (cache is None or model is not self.model or torch.is_grad_enabled() or x.dtype != torch.float32
                 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
                 or torch.get_autocast_dtype("cpu") != torch.bfloat16 or cache.keys[0].shape[0] != B
                 or cache.length + T > cache.max_len):
             return None  # (a full cache: PyTorch's path raises the error)
-        if mask is not None and mask.dtype != torch.bool:
+        if (mask is not None and mask.dtype != torch.bool) or self.unfit:
             return None
-        c, rows, start = model.config, B * T, cache.length
+        try:
+            return self._forward(x, positions, mask, is_causal, cache.length)
+        except _NotBf16 as error:  # nothing is lost: x was copied, and PyTorch rewrites the same cache columns
+            self.unfit = f"{error} returns another dtype than bf16"
+            return None
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                 start: int) -> torch.Tensor:
+        model, (B, T, d) = self.model, x.shape
+        c, rows = model.config, B * T
         width = (c.n_head + 2 * c.n_kv_head) * c.head_dim  # the fused QKV output: queries, keys, values
         x = x.reshape(rows, d).clone(memory_format=torch.contiguous_format)  # the residual stream, updated in C
         positions = positions.reshape(rows).contiguous()
@@ -89,9 +99,10 @@ class GluedBlocks:
         previous = None  # the previous block's output, added to x with the next norm
         for i, block in enumerate(model.blocks):
             keys, values = self.caches[i]
+            a, m = block.attention, block.mlp
             self.lib.add_and_norm(x.data_ptr(), _address(previous), self.norms[i][0].data_ptr(), block.norm_1.eps,
                                   rows, d, h.data_ptr(), threads)
-            qkv = _bf16(block.attention.attention_qkv(h.view(B, T, d)), rows, width, f"blocks.{i}.attention_qkv")
+            qkv = _checked(a.attention_qkv(h.view(B, T, d)), rows, width, f"blocks.{i}.attention.attention_qkv")
             if T == 1:
                 if self.lib.attention_of_step(qkv.data_ptr(), keys.data_ptr(), values.data_ptr(), self.sizes, B,
                                               positions.data_ptr(), start, _address(visible), *rope,
@@ -103,12 +114,12 @@ class GluedBlocks:
                                         positions.data_ptr(), start, *rope, threads)
                 y = self._prompt_attention(qkv, keys, values, start, mask, is_causal)
             # named: C must read it before it is freed
-            dense = _bf16(block.attention.attention_dense(y), rows, d, f"blocks.{i}.attention_dense")
+            dense = _checked(a.attention_dense(y), rows, d, f"blocks.{i}.attention.attention_dense")
             self.lib.add_and_norm(x.data_ptr(), dense.data_ptr(), self.norms[i][1].data_ptr(), block.norm_2.eps,
                                   rows, d, h.data_ptr(), threads)
-            gate_up = _bf16(block.mlp.mlp_fc1(h.view(B, T, d)), rows, 2 * c.d_ff, f"blocks.{i}.mlp_fc1")
+            gate_up = _checked(m.mlp_fc1(h.view(B, T, d)), rows, 2 * c.d_ff, f"blocks.{i}.mlp.mlp_fc1")
             self.lib.swiglu_all(gate_up.data_ptr(), rows, c.d_ff, hidden.data_ptr(), threads)
-            previous = _bf16(block.mlp.mlp_fc2(hidden.view(B, T, c.d_ff)), rows, d, f"blocks.{i}.mlp_fc2")
+            previous = _checked(m.mlp_fc2(hidden.view(B, T, c.d_ff)), rows, d, f"blocks.{i}.mlp.mlp_fc2")
         x += previous.view(rows, d)
         return x.view(B, T, d)
 
@@ -124,13 +135,19 @@ class GluedBlocks:
         return y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim)
 
 
-def _bf16(y: torch.Tensor, rows: int, width: int, name: str) -> torch.Tensor:
-    """A layer's output as C reads it: contiguous bf16 (under bf16 autocast it already is; a wrapper that
-    returns float32 is rounded here, where PyTorch's blocks would round it a step later), and checked to
-    be rows x width (C would read past the end of anything smaller)."""
+class _NotBf16(Exception):
+    """A layer returned something other than bf16: the PyTorch blocks must compute this pass."""
+
+
+def _checked(y: torch.Tensor, rows: int, width: int, name: str) -> torch.Tensor:
+    """A layer's output as C reads it, contiguous: rows x width bf16 values (C would read past the end of
+    anything smaller). A layer that returns another dtype (a wrapper computing in float32, such as a
+    post-norm bottleneck adapter) raises ``_NotBf16``: rounding it here would compute something else."""
     if y.numel() != rows * width:
         raise ValueError(f"{name} returned a {tuple(y.shape)} tensor; {rows} rows of {width} expected")
-    return y.to(torch.bfloat16).contiguous()
+    if y.dtype != torch.bfloat16:
+        raise _NotBf16(name)
+    return y.contiguous()
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -159,8 +176,12 @@ def unglued_reason(model: GPT, cache: KVCache) -> str:
         return "the KV cache is not bf16 on the CPU (attention runs in float32 here: model.attention_dtype)"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "a global forward hook is registered"
+    if len(cache.keys) != len(model.blocks):
+        return f"the cache has {len(cache.keys)} layers, the model {len(model.blocks)} blocks"
     for i, block in enumerate(model.blocks):
         reason = block_shape_reason(block, c.norm_eps)
+        if not reason and block.attention.layer_idx != i:
+            reason = f".attention.layer_idx is {block.attention.layer_idx}"  # it would use another cache layer
         if reason:
             return f"blocks.{i}{reason}"
     if library() is None:  # last: the first call builds the library
@@ -170,7 +191,8 @@ def unglued_reason(model: GPT, cache: KVCache) -> str:
 
 def block_shape_reason(block: nn.Module, eps: float) -> str:
     """What in ``block`` differs from a plain ``Block`` whose norms, attention and MLP C may compute ("" when
-    nothing), as ".<part> <problem>". Its linear layers may be anything that maps tensors to tensors."""
+    nothing), as ".<part> <problem>". Its linear layers may be anything that maps tensors to tensors (and
+    returns bf16 under autocast), without hooks."""
     containers = {"": (block, Block)}
     if type(block) is Block:  # only then are its parts where the C code looks for them
         containers |= {"norm_1": (block.norm_1, RMSNorm), "attention": (block.attention, Attention),
@@ -182,7 +204,17 @@ def block_shape_reason(block: nn.Module, eps: float) -> str:
             return f"{'.' + name if name else ''} has a forward hook"
     if block.norm_1.eps != eps or block.norm_2.eps != eps:
         return " has a norm whose eps is not the config's"
+    for name, layer in block_products(block).items():
+        if layer._forward_hooks or layer._forward_pre_hooks:  # C rotates the QKV output in place, after any hook
+            return f".{name} has a forward hook"
     return ""
 
 
-__all__ = ["GluedBlocks", "block_shape_reason", "glued_blocks", "unglued_reason"]
+def block_products(block: Block) -> dict[str, nn.Module]:
+    """A block's four weight products by their path in the block."""
+    a, m = block.attention, block.mlp
+    return {"attention.attention_qkv": a.attention_qkv, "attention.attention_dense": a.attention_dense,
+            "mlp.mlp_fc1": m.mlp_fc1, "mlp.mlp_fc2": m.mlp_fc2}
+
+
+__all__ = ["GluedBlocks", "block_products", "block_shape_reason", "glued_blocks", "unglued_reason"]

@@ -297,6 +297,14 @@ def assert_agrees_with_fp32_and_answers(fp32_model, model, tokenizer, min_agreem
 
 # -- the C paths of generation (decode_step.py, glued_blocks.py) --------------------------------------------
 
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids left-padded with 0 to the longest prompt, and their attention mask (None without pads)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, None if bool(mask.all()) else mask
+
+
 def generation_cache(model: GPT, rows: int, length: int):
     """A KV cache as ``generate_ids`` makes one: without gradients, so in bf16 where the CPU has AMX."""
     with torch.no_grad():

@@ -23,7 +23,7 @@ from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import quantize_int8
 
-from helpers import RunnerSpy, generation_cache, tiny_llama_config, tiny_model
+from helpers import RunnerSpy, generation_cache, left_padded, tiny_llama_config, tiny_model
 
 needs_fused = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                  reason="decode_block.c runs only with the compiled kernel and a bf16 cache (AMX)")
@@ -36,13 +36,6 @@ def int8_model(**overrides) -> GPT:
     quantize_int8(model)
     return model
 
-
-
-def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, None if bool(mask.all()) else mask
 
 
 
@@ -131,7 +124,7 @@ def test_gradients_a_virtual_prompt_and_another_model():
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     fused = generate_ids(prompted, prompts, tokens_to_generate=6)
     with torch.no_grad():
-        assert block_runner(prompted, generation_cache(prompted, 2, 9)) is not None  # the blocks are plain
+        assert isinstance(block_runner(prompted, generation_cache(prompted, 2, 9)), BlockRunner)  # plain blocks
     plain_runner = generation.block_runner
     try:
         generation.block_runner = lambda model, cache: None
@@ -239,8 +232,7 @@ def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(chat)])
     fused_cache, plain_cache = generation_cache(int8, 1, ids.shape[1] + 4), generation_cache(int8, 1, ids.shape[1] + 4)
-    fused_cache.run_blocks = block_runner(int8, fused_cache)
-    assert fused_cache.run_blocks is not None
+    fused_cache.run_blocks = spy = RunnerSpy(block_runner(int8, fused_cache))
     with torch.no_grad():
         token = int8(ids, cache=fused_cache, last_only=True).argmax(-1)
         int8(ids, cache=plain_cache)
@@ -252,3 +244,4 @@ def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
             if top2[..., 0] - top2[..., 1] > 0.5:  # a clear choice: rounding cannot flip it
                 assert int8.lm_head(fused).argmax(-1) == int8.lm_head(plain).argmax(-1)
             token = int8.lm_head(plain).argmax(-1)
+    assert isinstance(spy.runner, BlockRunner) and spy.calls == 4  # the prompt (glued), then 3 fused steps

@@ -17,10 +17,10 @@ from lora_tutorial.generation import generate_ids
 from lora_tutorial.glued_blocks import GluedBlocks, glued_blocks, unglued_reason
 from lora_tutorial.int8_kernel import library
 from lora_tutorial.model import GPT
-from lora_tutorial.peft import LoraPEFTConfig, add_adapter
+from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 
-from helpers import RunnerSpy, generation_cache, tiny_gpt2_config, tiny_llama_config, tiny_model
+from helpers import RunnerSpy, generation_cache, left_padded, tiny_gpt2_config, tiny_llama_config, tiny_model
 
 needs_glue = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                 reason="glued_blocks.py runs only with the compiled library and a bf16 cache (AMX)")
@@ -45,10 +45,8 @@ def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 0.02) -> bool:
 def compare_paths(model: GPT, prompts: list[list[int]], steps: int = 5) -> int:
     """Prompt and ``steps`` decoding steps glued and through the PyTorch blocks side by side; checks the
     hidden states of real tokens and the cache columns each writes. Returns how many passes were glued."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    mask = None if bool(mask.all()) else mask
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     real = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.bool()
     glued_cache, plain_cache = generation_cache(model, len(prompts), width + steps), generation_cache(model, len(prompts), width + steps)
     spy = RunnerSpy(glued_blocks(model, glued_cache))
@@ -164,6 +162,10 @@ def test_not_glued_where_the_c_code_would_compute_something_else():
     hooked = bf16_model()
     hooked.blocks[1].attention.register_forward_hook(lambda *args: None)
     assert unglued_reason(hooked, generation_cache(hooked, 1, 8)) == "blocks.1.attention has a forward hook"
+    hooked_layer = bf16_model()
+    hooked_layer.blocks[0].attention.attention_qkv.register_forward_hook(lambda *args: None)
+    assert (unglued_reason(hooked_layer, generation_cache(hooked_layer, 1, 8))
+            == "blocks.0.attention.attention_qkv has a forward hook")
     wrapped = bf16_model()
     wrapped.blocks[2].mlp = torch.nn.Sequential(wrapped.blocks[2].mlp)
     assert unglued_reason(wrapped, generation_cache(wrapped, 1, 8)) == "blocks.2.mlp is a Sequential"
@@ -183,8 +185,7 @@ def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Which city is the capital of France?"}])
     ids = torch.tensor([tokenizer.encode(chat)])
     glued_cache, plain_cache = generation_cache(bf16, 1, ids.shape[1] + 4), generation_cache(bf16, 1, ids.shape[1] + 4)
-    glued_cache.run_blocks = glued_blocks(bf16, glued_cache)
-    assert glued_cache.run_blocks is not None
+    glued_cache.run_blocks = spy = RunnerSpy(glued_blocks(bf16, glued_cache))
     token = ids
     with torch.no_grad():
         for _ in range(4):
@@ -195,11 +196,77 @@ def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
             if top2[..., 0] - top2[..., 1] > 0.5:  # a clear choice: rounding cannot flip it
                 assert bf16.lm_head(glued).argmax(-1) == bf16.lm_head(plain).argmax(-1)
             token = bf16.lm_head(plain).argmax(-1)
+    assert spy.calls == 4  # the prompt and 3 steps
 
 
 @needs_glue
 def test_a_layer_of_the_wrong_width_is_an_error_not_a_read_past_its_end():
     model = bf16_model()
     model.blocks[1].mlp.mlp_fc1 = torch.nn.Linear(128, 64, bias=False)  # SwiGLU expects 2 x 96 outputs
-    with pytest.raises(ValueError, match=r"blocks.1.mlp_fc1 returned a \(1, 3, 64\) tensor; 3 rows of 192 expected"):
+    with pytest.raises(ValueError, match=r"blocks.1.mlp.mlp_fc1 returned a \(1, 3, 64\) tensor; 3 rows of 192 expected"):
         generate_ids(model, [[5, 6, 7]], tokens_to_generate=2)
+
+
+@needs_glue
+def test_a_prompt_in_two_parts_agrees():
+    """A second prompt chunk after a first (cache start > 0, several tokens): prompt attention over the
+    cache with GPT's causal mask."""
+    model = bf16_model()
+    first, second = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12, 13]])
+    glued_cache, plain_cache = generation_cache(model, 1, 12), generation_cache(model, 1, 12)
+    glued_cache.run_blocks = spy = RunnerSpy(glued_blocks(model, glued_cache))
+    with torch.no_grad():
+        for chunk in (first, second):
+            glued = model.hidden_states(chunk, cache=glued_cache)
+            plain = model.hidden_states(chunk, cache=plain_cache)
+            assert close(glued, plain)
+    assert spy.calls == 2
+    for mine, theirs in zip(glued_cache.keys + glued_cache.values, plain_cache.keys + plain_cache.values):
+        assert close(mine[:, :, :9].transpose(1, 2), theirs[:, :, :9].transpose(1, 2))
+
+
+@needs_glue
+def test_a_virtual_prompt_is_glued_and_answers_as_the_pytorch_blocks(monkeypatch):
+    """p-tuning's virtual tokens sit in front of every prompt (in the cache, the positions and the mask)."""
+    model = bf16_model()
+    add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=3, bottleneck_dim=16, embedding_dim=8), verbose=False)
+    model.requires_grad_(False)
+    prompts, runners = [[5, 6, 7, 8, 9], [10, 11, 12]], []
+
+    def recording_runner(model, cache):
+        runners.append(RunnerSpy(block_runner(model, cache)))
+        return runners[-1]
+
+    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    glued = generate_ids(model, prompts, tokens_to_generate=6)
+    assert runners and runners[0].calls == 6
+    monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
+    assert glued == generate_ids(model, prompts, tokens_to_generate=6)
+
+
+class Float32Wrapper(torch.nn.Module):
+    """A linear layer whose output stays float32 under autocast (as a post-norm bottleneck adapter's does)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).float() * 1.5
+
+
+@needs_glue
+def test_a_layer_that_returns_float32_leaves_the_pass_to_the_pytorch_blocks():
+    """C would have to round that output to bf16, which the PyTorch blocks do not: the runner declines (the
+    same answers as without it), remembers why, and declines every later call at once."""
+    model = bf16_model()
+    model.blocks[2].attention.attention_dense = Float32Wrapper(model.blocks[2].attention.attention_dense)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    glued_cache, plain_cache = generation_cache(model, 1, 6), generation_cache(model, 1, 6)
+    glued_cache.run_blocks = spy = RunnerSpy(glued_blocks(model, glued_cache))
+    with torch.no_grad():
+        for tokens in (ids, torch.tensor([[9]])):
+            assert torch.equal(model.hidden_states(tokens, cache=glued_cache),
+                               model.hidden_states(tokens, cache=plain_cache))
+    assert spy.calls == 0
+    assert spy.runner.unfit == "blocks.2.attention.attention_dense returns another dtype than bf16"
