@@ -17,7 +17,7 @@
  *     x = x + int8_matmul(bf16(bf16(silu(g)) * u), fc2)
  *
  * Why: at one token per row, dispatching a block's ~40 small PyTorch operations (norms, rotations,
- * casts, views, the cache copy, attention, SwiGLU) took 8.1 ms of a 20.9 ms step for SmolLM2's 30 blocks
+ * casts, views, the cache copy, attention, SwiGLU) took 8.4 ms of a 23.0 ms step for SmolLM2's 30 blocks
  * (bench/decode_breakdown.json). Here the small work takes microseconds of vector loops.
  * The results agree with PyTorch's to float32 rounding before each bf16 rounding (sums run in another
  * order, exp is another implementation), so now and then a bf16 value lands one step apart; the tests

@@ -3,7 +3,7 @@
 Generating a token runs every block on one new position per sequence. Written as PyTorch operations,
 a block is ~40 small operations (norms, rotations, casts, views, the KV-cache copy, attention, SwiGLU)
 around its four weight products, each operation costing a few microseconds of dispatch whatever its size:
-with SmolLM2's 30 blocks, 8.1 ms of a 20.9 ms step (``bench/decode_breakdown.json``). ``decode_block.c``
+with SmolLM2's 30 blocks, 8.4 ms of a 23.0 ms step (``bench/decode_breakdown.json``). ``decode_block.c``
 does a block's whole step -- the same arithmetic, in the same precisions, with the int8 products of
 ``int8_matvec.c`` -- in one call.
 

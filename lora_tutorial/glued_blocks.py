@@ -4,8 +4,8 @@ In a bf16 forward pass without gradients, a block's four weight products run at 
 and most of the rest of the time goes into the work between them: the float32 residual add and RMSNorm,
 RoPE in float32 and the casts around it, the copy into the KV cache, SwiGLU. Written as PyTorch
 operations that is ~40 passes over memory per block, each a kernel of its own; at one token per row, as
-many dispatches (``bench/decode_breakdown.json``: an evaluation's prefills took 9.3 s through the PyTorch
-blocks and 6.1 s glued, its steps of up to 16 rows 39 and 34 ms). ``GluedBlocks`` keeps the products (the
+many dispatches (``bench/decode_breakdown.json``: an evaluation's prefills took 9.2 s through the PyTorch
+blocks and 6.2 s glued, its steps of up to 16 rows 56 and 37 ms). ``GluedBlocks`` keeps the products (the
 model's own ``nn.Linear`` modules, so LoRA and other wrappers of them still apply) and PyTorch's attention
 for prompts, and does the rest with four C functions:
 
