@@ -163,18 +163,15 @@ def evaluation(n: int = 100) -> dict:
 
 
 def main() -> None:
-    from run import machine
+    from run import record_header, write_record
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-               "command": "python bench/decode_breakdown.py", "start_up": start_up()}
+    results = {**record_header("python bench/decode_breakdown.py"), "start_up": start_up()}
     print("start-up:", results["start_up"], flush=True)
     results["int8_batch1"] = int8_decoding()
     print("int8 batch 1:", results["int8_batch1"], flush=True)
     results["evaluation_100"] = evaluation()
     print("evaluation:", results["evaluation_100"], flush=True)
-    path = REPO / "bench" / "decode_breakdown.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {path}")
+    write_record("decode_breakdown", results)
 
 
 if __name__ == "__main__":

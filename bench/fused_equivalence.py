@@ -17,8 +17,6 @@ The validation split: a check of the implementation, no setting is chosen on the
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -49,7 +47,7 @@ def paired(run: Evaluation, reference: Evaluation) -> dict:
 
 
 def main() -> None:
-    from run import machine
+    from run import record_header, write_record
 
     cfg = load_config(REPO / "conf/peft_eval.yaml", [f"model.data.test_ds.file_names=[{SPLIT}]"])
     runner, kernel = generation.block_runner, quantize.int8_matmul
@@ -61,8 +59,7 @@ def main() -> None:
                          # the same blocks with PyTorch's int8 kernel: how much another summation order alone moves
                          "pytorch_blocks_pytorch_kernel": (pytorch_blocks, lambda *args: None)},
                 "bf16": {"glued": (runner, kernel), "pytorch_blocks": (pytorch_blocks, kernel)}}
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-               "command": "python bench/fused_equivalence.py", "split": str(SPLIT.relative_to(REPO)),
+    results = {**record_header("python bench/fused_equivalence.py"), "split": str(SPLIT.relative_to(REPO)),
                "model": "the base model, zero-shot with its chat template"}
     for precision, runs_of in variants.items():
         model = SFTModel.restore_from(cfg.model.restore_from_path, cfg)
@@ -86,9 +83,7 @@ def main() -> None:
             if name != "pytorch_blocks":
                 out[f"{name}_vs_pytorch_blocks"] = paired(run, runs["pytorch_blocks"])
                 print(f"{precision} {name} - pytorch_blocks: {out[f'{name}_vs_pytorch_blocks']}", flush=True)
-    path = REPO / "bench" / "fused_equivalence.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {path}")
+    write_record("fused_equivalence", results)
 
 
 if __name__ == "__main__":

@@ -98,15 +98,13 @@ def greedy() -> dict:
 
 
 def main() -> None:
-    from run import machine
+    from run import record_header, write_record
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "command": "python bench/kernels.py"}
+    results = record_header("python bench/kernels.py")
     for name, measure in (("int8", int8_products), ("bf16_prepacked", bf16_prepacked), ("greedy", greedy)):
         results[name] = measure()
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    path = REPO / "bench" / "kernels.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {path}")
+    write_record("kernels", results)
 
 
 if __name__ == "__main__":

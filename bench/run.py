@@ -54,6 +54,19 @@ def best_of(results: list[dict], key: str = "tokens_per_s") -> dict:
     return max(results, key=lambda r: r[key])
 
 
+def record_header(command: str) -> dict:
+    """The first keys of a bench/*.json record: when, on which machine, by which command."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "command": command}
+
+
+def write_record(name: str, results: dict) -> Path:
+    """Write ``results`` to bench/<name>.json (the file the README quotes) and say where."""
+    path = HERE / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {path}")
+    return path
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .glued_blocks import GluedBlocks, block_products, glued_blocks, unglued_reason
-from .int8_kernel import MAX_ROWS, library
+from .int8_kernel import MAX_ROWS
 from .model import GPT, Block, KVCache
 from .quantize import Int8Linear
 
@@ -40,18 +40,13 @@ class BlockRunner:
     """Runs every block of an int8 ``model`` for one decoding step with ``cache``, through decode_block.c."""
 
     def __init__(self, model: GPT, cache: KVCache, fallback: GluedBlocks | None = None) -> None:
-        c = model.config
         self.fallback = fallback  # for prompts and wide steps: the same C pieces around PyTorch's products
         # A weak reference: the cache holds this runner, and a cycle would keep every finished generation's
         # cache (47 MB at batch 16) alive until the garbage collector ran (peak RSS grew call by call).
         self.model, self.cache = model, weakref.ref(cache)
-        self.lib = library()
-        sizes = (c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff, cache.max_len)  # decode_block.c's enum
-        self.sizes = (ctypes.c_int64 * len(sizes))(*sizes)
-        self.eps = c.norm_eps
-        # float32 norm gains (RMSNorm.forward casts them so too), kept alive while C reads them.
-        self.norms = [(b.norm_1.weight.detach().float().contiguous(), b.norm_2.weight.detach().float().contiguous())
-                      for b in model.blocks]
+        # The library, decode_block.c's sizes and the float32 norm gains: as the glued blocks hold them.
+        pieces = fallback if fallback is not None else GluedBlocks(model, cache)
+        self.lib, self.sizes, self.norms, self.eps = pieces.lib, pieces.sizes, pieces.norms, model.config.norm_eps
         # Each block's tensors in decode_block.c's order (its enum), and their addresses for C. The tensors
         # stay referenced here: should a layer be replaced during a generation, C still reads live memory.
         self.tensors = [self._tensors(i, block, cache) for i, block in enumerate(model.blocks)]

@@ -14,7 +14,7 @@ built (it streams the weights faster than PyTorch's kernel: ``bench/kernels.json
 ``_weight_int8pack_mm``. A prompt of many tokens is compute-bound instead: there ``q`` is converted to
 bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch (at batch 1 it
 reads half the bytes; at batch 16 a CPU with AMX multiplies bf16 faster than int8 can be widened and
-multiplied, and what int8 wins back there is the rest of each step, which ``decode_step.py`` runs in C):
+multiplied; the rest of each step runs in C for both, ``decode_step.py`` and ``glued_blocks.py``):
 ``make bench`` measures both, and the README reports them.
 
 Quantizing reads every bf16 matrix, so the process that does it holds both copies for a moment.
