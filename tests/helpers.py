@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import pytest
 import torch
 from torch import nn
 
+from lora_tutorial.int8_kernel import library
 from lora_tutorial.model import GPT, GPTConfig
+from lora_tutorial.precision import cpu_has_amx
 
 # ----------------------------------------------------------------------------------------------
 # Tiny GPT models
@@ -296,6 +299,11 @@ def assert_agrees_with_fp32_and_answers(fp32_model, model, tokenizer, min_agreem
 
 
 # -- the C paths of generation (decode_step.py, glued_blocks.py) --------------------------------------------
+
+# They run where the C library is built and the KV cache is bf16 (CPUs with AVX-512 and AMX: the project's
+# machine and its CI); elsewhere the tests that compare them with the PyTorch blocks are skipped.
+needs_c_blocks = pytest.mark.skipif(library() is None or not cpu_has_amx(),
+                                    reason="the C blocks run only with the compiled library and a bf16 cache (AMX)")
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids left-padded with 0 to the longest prompt, and their attention mask (None without pads)."""

@@ -23,10 +23,7 @@ from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import quantize_int8
 
-from helpers import RunnerSpy, generation_cache, left_padded, tiny_llama_config, tiny_model
-
-needs_fused = pytest.mark.skipif(library() is None or not cpu_has_amx(),
-                                 reason="decode_block.c runs only with the compiled kernel and a bf16 cache (AMX)")
+from helpers import RunnerSpy, generation_cache, left_padded, needs_c_blocks, tiny_llama_config, tiny_model
 
 
 def int8_model(**overrides) -> GPT:
@@ -45,7 +42,7 @@ SHAPES = {"generic": {}, "smollm2-heads": {"d_model": 384, "n_head": 6, "n_kv_he
           "group-of-8": {"d_model": 256, "n_head": 8, "n_kv_head": 1}, "no-groups": {"n_kv_head": 4}}
 
 
-@needs_fused
+@needs_c_blocks
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prompts", [
     [[5, 6, 7, 8, 9, 10, 11]],                       # one row: no mask at all
@@ -77,7 +74,7 @@ def test_fused_steps_agree_with_the_pytorch_blocks(prompts, shape):
     assert spy.calls == 6  # every decoding step went through C; the prompt did not
 
 
-@needs_fused
+@needs_c_blocks
 def test_sixteen_long_padded_rows_agree_with_the_pytorch_blocks():
     """Enough rows and columns for the attention to run on several threads, prompts of other lengths."""
     model = int8_model(max_seq_len=128)
@@ -102,7 +99,7 @@ def test_sixteen_long_padded_rows_agree_with_the_pytorch_blocks():
     assert ((fused - plain).norm(dim=-1) <= 0.02 * plain.norm(dim=-1)).all()  # every row on its own
 
 
-@needs_fused
+@needs_c_blocks
 def test_gradients_a_virtual_prompt_and_another_model():
     """With gradients on the PyTorch blocks would compute otherwise: not fused. A p-tuning prompt changes
     only the prefill: fused, and the same answers. A runner asked by another model declines."""
@@ -133,7 +130,7 @@ def test_gradients_a_virtual_prompt_and_another_model():
         generation.block_runner = plain_runner
 
 
-@needs_fused
+@needs_c_blocks
 def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeypatch):
     model = int8_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
@@ -151,7 +148,7 @@ def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeyp
     assert fused == generate_ids(model, prompts, tokens_to_generate=8)
 
 
-@needs_fused
+@needs_c_blocks
 def test_a_finished_generation_frees_its_cache_at_once(monkeypatch):
     """The cache holds its runner: were the runner to hold the cache, each call's KV cache would wait for
     the garbage collector (peak RSS grew by ~50 MB per batch-16 call before this was a weak reference)."""
@@ -171,7 +168,7 @@ def test_a_finished_generation_frees_its_cache_at_once(monkeypatch):
         gc.enable()
 
 
-@needs_fused
+@needs_c_blocks
 def test_more_rows_than_the_kernel_takes_fall_back_to_the_glued_blocks():
     model = int8_model()
     cache = generation_cache(model, MAX_ROWS + 1, 8)
@@ -221,7 +218,7 @@ def test_not_fused_where_the_c_code_would_compute_something_else():
     assert block_runner(narrow, generation_cache(narrow, 1, 8)) is None
 
 
-@needs_fused
+@needs_c_blocks
 def test_the_real_int8_model_decodes_as_its_pytorch_blocks(smollm2):
     """SmolLM2 in int8: the fused path predicts the same greedy tokens on a real question, and its hidden
     states stay within bf16 rounding of the PyTorch blocks' (about 1 %; PyTorch's own int8 kernel differs

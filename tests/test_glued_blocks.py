@@ -20,10 +20,7 @@ from lora_tutorial.model import GPT
 from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 
-from helpers import RunnerSpy, generation_cache, left_padded, tiny_gpt2_config, tiny_llama_config, tiny_model
-
-needs_glue = pytest.mark.skipif(library() is None or not cpu_has_amx(),
-                                reason="glued_blocks.py runs only with the compiled library and a bf16 cache (AMX)")
+from helpers import RunnerSpy, generation_cache, left_padded, needs_c_blocks, tiny_gpt2_config, tiny_llama_config, tiny_model
 
 
 def bf16_model(**overrides) -> GPT:
@@ -76,14 +73,14 @@ PROMPTS = {"one row": [[5, 6, 7, 8, 9, 10, 11]],
            "left-padded": [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]]}
 
 
-@needs_glue
+@needs_c_blocks
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("prompts", PROMPTS)
 def test_glued_prompt_and_steps_agree_with_the_pytorch_blocks(prompts, shape):
     assert compare_paths(bf16_model(**SHAPES[shape]), PROMPTS[prompts]) == 6  # the prompt and 5 steps
 
 
-@needs_glue
+@needs_c_blocks
 def test_many_long_rows_agree_on_two_threads():
     """Enough rows for the C loops to run in parallel and for the layers' outputs to be large allocations
     (C must read each before PyTorch frees it)."""
@@ -97,7 +94,7 @@ def test_many_long_rows_agree_on_two_threads():
         torch.set_num_threads(threads)
 
 
-@needs_glue
+@needs_c_blocks
 def test_lora_layers_are_glued_and_agree():
     """The products are the model's own modules: a LoRA wrapper still applies (B initialised non-zero here,
     so that the adapter changes the outputs)."""
@@ -112,7 +109,7 @@ def test_lora_layers_are_glued_and_agree():
     assert compare_paths(model, PROMPTS["left-padded"]) == 6
 
 
-@needs_glue
+@needs_c_blocks
 def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeypatch):
     model = bf16_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
@@ -129,7 +126,7 @@ def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeyp
     assert glued == generate_ids(model, prompts, tokens_to_generate=8)
 
 
-@needs_glue
+@needs_c_blocks
 def test_declines_gradients_another_model_and_a_full_cache():
     model = bf16_model()
     cache = generation_cache(model, 1, 4)
@@ -175,7 +172,7 @@ def test_not_glued_where_the_c_code_would_compute_something_else():
         assert glued_blocks(bf16_model(), generation_cache(bf16_model(), 1, 8)) is not None
 
 
-@needs_glue
+@needs_c_blocks
 def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
     """SmolLM2 in bf16: a real prompt glued and through the PyTorch blocks, hidden states within bf16
     rounding (about 1 %), and the same greedy token wherever the choice is clear."""
@@ -199,7 +196,7 @@ def test_the_real_model_in_bf16_answers_as_its_pytorch_blocks(smollm2):
     assert spy.calls == 4  # the prompt and 3 steps
 
 
-@needs_glue
+@needs_c_blocks
 def test_a_layer_of_the_wrong_width_is_an_error_not_a_read_past_its_end():
     model = bf16_model()
     model.blocks[1].mlp.mlp_fc1 = torch.nn.Linear(128, 64, bias=False)  # SwiGLU expects 2 x 96 outputs
@@ -207,7 +204,7 @@ def test_a_layer_of_the_wrong_width_is_an_error_not_a_read_past_its_end():
         generate_ids(model, [[5, 6, 7]], tokens_to_generate=2)
 
 
-@needs_glue
+@needs_c_blocks
 def test_a_prompt_in_two_parts_agrees():
     """A second prompt chunk after a first (cache start > 0, several tokens): prompt attention over the
     cache with GPT's causal mask."""
@@ -225,7 +222,7 @@ def test_a_prompt_in_two_parts_agrees():
         assert close(mine[:, :, :9].transpose(1, 2), theirs[:, :, :9].transpose(1, 2))
 
 
-@needs_glue
+@needs_c_blocks
 def test_a_virtual_prompt_is_glued_and_answers_as_the_pytorch_blocks(monkeypatch):
     """p-tuning's virtual tokens sit in front of every prompt (in the cache, the positions and the mask)."""
     model = bf16_model()
@@ -255,7 +252,7 @@ class Float32Wrapper(torch.nn.Module):
         return self.layer(x).float() * 1.5
 
 
-@needs_glue
+@needs_c_blocks
 def test_a_layer_that_returns_float32_leaves_the_pass_to_the_pytorch_blocks():
     """C would have to round that output to bf16, which the PyTorch blocks do not: the runner declines (the
     same answers as without it), remembers why, and declines every later call at once."""
