@@ -330,3 +330,19 @@ class RunnerSpy:
         out = self.runner(*args)
         self.calls += out is not None
         return out
+
+
+def record_runners(monkeypatch) -> list[RunnerSpy]:
+    """Make ``generate_ids`` wrap each block runner it asks for in a ``RunnerSpy``; returns the list of
+    spies, which each call of ``generate_ids`` extends."""
+    from lora_tutorial import generation
+    from lora_tutorial.decode_step import block_runner
+
+    spies: list[RunnerSpy] = []
+
+    def recording_runner(model, cache):
+        spies.append(RunnerSpy(block_runner(model, cache)))
+        return spies[-1]
+
+    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    return spies

@@ -23,7 +23,8 @@ from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 from lora_tutorial.quantize import quantize_int8
 
-from helpers import RunnerSpy, generation_cache, left_padded, needs_c_blocks, tiny_llama_config, tiny_model
+from helpers import (RunnerSpy, generation_cache, left_padded, needs_c_blocks, record_runners, tiny_llama_config,
+                     tiny_model)
 
 
 def int8_model(**overrides) -> GPT:
@@ -134,13 +135,7 @@ def test_gradients_a_virtual_prompt_and_another_model():
 def test_generate_takes_the_fused_path_and_answers_as_the_pytorch_blocks(monkeypatch):
     model = int8_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
-    runners = []
-
-    def recording_runner(model, cache):
-        runners.append(RunnerSpy(block_runner(model, cache)))
-        return runners[-1]
-
-    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    runners = record_runners(monkeypatch)
     fused = generate_ids(model, prompts, tokens_to_generate=8)
     assert runners and runners[0].calls == 8  # 8 tokens: the prompt (glued), then 7 fused steps
     assert isinstance(runners[0].runner, BlockRunner)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from lora_tutorial import generation
-from lora_tutorial.decode_step import block_runner
 from lora_tutorial.generation import generate_ids
 from lora_tutorial.glued_blocks import GluedBlocks, glued_blocks, unglued_reason
 from lora_tutorial.int8_kernel import library
@@ -20,7 +19,8 @@ from lora_tutorial.model import GPT
 from lora_tutorial.peft import LoraPEFTConfig, PtuningPEFTConfig, add_adapter
 from lora_tutorial.precision import cast_frozen_weights, cpu_has_amx
 
-from helpers import RunnerSpy, generation_cache, left_padded, needs_c_blocks, tiny_gpt2_config, tiny_llama_config, tiny_model
+from helpers import (RunnerSpy, generation_cache, left_padded, needs_c_blocks, record_runners, tiny_gpt2_config,
+                     tiny_llama_config, tiny_model)
 
 
 def bf16_model(**overrides) -> GPT:
@@ -113,13 +113,7 @@ def test_lora_layers_are_glued_and_agree():
 def test_generate_takes_the_glued_path_and_answers_as_the_pytorch_blocks(monkeypatch):
     model = bf16_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41]]
-    runners = []
-
-    def recording_runner(model, cache):
-        runners.append(RunnerSpy(block_runner(model, cache)))
-        return runners[-1]
-
-    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    runners = record_runners(monkeypatch)
     glued = generate_ids(model, prompts, tokens_to_generate=8)
     assert runners and isinstance(runners[0].runner, GluedBlocks) and runners[0].calls == 8  # prompt + 7 steps
     monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
@@ -228,13 +222,8 @@ def test_a_virtual_prompt_is_glued_and_answers_as_the_pytorch_blocks(monkeypatch
     model = bf16_model()
     add_adapter(model, PtuningPEFTConfig(None, virtual_tokens=3, bottleneck_dim=16, embedding_dim=8), verbose=False)
     model.requires_grad_(False)
-    prompts, runners = [[5, 6, 7, 8, 9], [10, 11, 12]], []
-
-    def recording_runner(model, cache):
-        runners.append(RunnerSpy(block_runner(model, cache)))
-        return runners[-1]
-
-    monkeypatch.setattr(generation, "block_runner", recording_runner)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    runners = record_runners(monkeypatch)
     glued = generate_ids(model, prompts, tokens_to_generate=6)
     assert runners and runners[0].calls == 6
     monkeypatch.setattr(generation, "block_runner", lambda model, cache: None)
