@@ -16,6 +16,11 @@ CPU, so that a changed kernel or a cache shared between different machines never
 Where that is not possible (no compiler, a CPU without AVX-512, not Linux), or with
 ``LORA_TUTORIAL_INT8_KERNEL=torch`` in the environment, ``int8_matmul`` returns None and the caller uses
 PyTorch's kernel: results agree to bf16 rounding either way. ``kernel_name()`` says which one runs.
+
+On a CPU with AMX (Intel Sapphire Rapids and later), products of 5 to 16 rows widen the int8 weights to
+bf16 once and multiply them on the matrix unit instead of with AVX-512 FMAs: at 16 rows one pass over the
+model's int8 matrices is about three times faster (``bench/kernels.json``: ``amx_ms`` against
+``fma_ms``). ``use_amx(False)`` switches that off for a process (benchmarks compare the two).
 """
 
 from __future__ import annotations
@@ -72,7 +77,21 @@ def int8_matmul(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
 def kernel_name() -> str:
     """Which kernel ``Int8Linear`` uses for decoding here, and why (for logs and benchmark records)."""
     lib, reason = _library()
-    return "int8_matvec.c (compiled for this CPU)" if lib is not None else f"PyTorch _weight_int8pack_mm ({reason})"
+    if lib is None:
+        return f"PyTorch _weight_int8pack_mm ({reason})"
+    return "int8_matvec.c (compiled for this CPU" + (", AMX for 5-16 rows)" if _amx_on else ")")
+
+
+_amx_on = False  # whether products of 5-16 rows use AMX (set when the library loads, and by use_amx)
+
+
+def use_amx(enabled: bool) -> bool:
+    """Let products of 5-16 rows use AMX (the default where the CPU and Linux allow it) or not; returns
+    whether they now do. False where the compiled kernel is not used or the CPU has no AMX."""
+    global _amx_on
+    lib = library()
+    _amx_on = lib is not None and bool(lib.int8_amx_enable(int(enabled)))
+    return _amx_on
 
 
 def library() -> ctypes.CDLL | None:
@@ -97,6 +116,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the build failed: {(errors or detail.splitlines() or [type(error).__name__])[0]}"
     lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.int8_matmul.restype = None
+    lib.int8_amx_enable.argtypes = [ctypes.c_int]
+    lib.int8_amx_enable.restype = ctypes.c_int  # 1: AMX on (Linux granted the tile registers), 0: off
+    lib.int8_amx_products.restype = ctypes.c_int64  # how many products ran on AMX so far in this process
+    global _amx_on
+    _amx_on = bool(lib.int8_amx_enable(1))
     # decode_block(tensors, sizes, eps, x, rows, positions, column, visible, cos, sin_signed, threads)
     lib.decode_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
@@ -170,4 +194,4 @@ def _cpu_flags() -> str:
     return ""
 
 
-__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name", "library"]
+__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name", "library", "use_amx"]

@@ -24,6 +24,9 @@
 #include <string.h>
 
 #define PREFETCH_BYTES 8192
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 5  /* fewer rows: the loop above (as fast or faster: bench/kernels.json) */
+#endif
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;  /* bf16 is the top half of a float32 */
@@ -76,9 +79,144 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, con
         for (int r = 0; r < w_rows; r++) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+/* ---- Several rows on AMX ------------------------------------------------------------------------------
+ *
+ * With 16 activation rows the loop above multiplies every widened weight 16 times with AVX-512 FMAs and is
+ * bound by arithmetic, not by memory (bench/kernels.json). A CPU with AMX (Intel Sapphire Rapids and
+ * later) has a matrix unit that multiplies 16 x 32 bf16 by 32 x 16 bf16 in one instruction, summing the
+ * exact products in float32. So for several rows: widen each group of 16 weight rows once, int8 ->
+ * bf16 (exact: every int8 value is a bf16 value), into a small buffer, and let the matrix unit multiply it
+ * with the activations, 32 inputs at a time. The weights are read once from memory as before; the arithmetic is no longer the
+ * bottleneck.
+ *
+ * The matrix unit computes C += A B on "tiles" (up to 16 rows of 64 bytes each). Here
+ *
+ *     A = 16 weight rows x 32 inputs (bf16, row-major: the widened weights as they are)
+ *     B = the same 32 inputs x 16 activation rows, stored as 16 rows of pairs of consecutive inputs
+ *         (AMX's "VNNI" layout: B[p][2m + j] = x[m][2p + j]), built once per call
+ *     C = 16 weight rows x 16 activation rows, float32
+ *
+ * so C is y transposed; it is scaled and rounded to bf16 as the loop above does. Rows past `rows` in B are
+ * zero. Linux hands out the tile registers only to a process that asks (arch_prctl), which int8_amx_enable
+ * does once. Needs `in` to be a multiple of 32 and `out` of 16 (SmolLM2's are); other shapes use the loop
+ * above. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define HAVE_AMX 1
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tile 0: C, 1: A, 2: B; each 16 rows x 64 bytes. */
+static void configure_tiles(void) {
+    tile_config config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 3; t++) {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* n int8 weights (n a multiple of 64) as bf16, reading ahead as the loop above does. */
+static void widen_to_bf16(const int8_t *w, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 64) {
+        _mm_prefetch((const char *)w + i + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int half = 0; half < 64; half += 32) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + i + half));
+            __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+            __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+            _mm512_store_si512((__m512i *)(out + i + half), (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        }
+    }
+}
+
+/* x (rows x in, bf16) as AMX's B operand for all of `in`: packed[p][m] = the pair x[m][2p], x[m][2p + 1]. */
+static void pack_activations(const uint16_t *x, int64_t rows, int64_t in, uint32_t *packed) {
+    memset(packed, 0, (size_t)in / 2 * 16 * sizeof(uint32_t));
+    for (int64_t m = 0; m < rows; m++) {
+        const uint32_t *pairs = (const uint32_t *)(x + m * in);
+        for (int64_t p = 0; p < in / 2; p++) packed[p * 16 + m] = pairs[p];
+    }
+}
+
+static int amx_enabled = 0;
+static int64_t amx_products = 0;  /* products computed on AMX so far (tests read it: int8_amx_products) */
+
+int64_t int8_amx_products(void) { return __atomic_load_n(&amx_products, __ATOMIC_RELAXED); }
+
+/* Ask Linux for the tile registers; 1 if AMX is used from now on, 0 if not (on = 0 switches it off). */
+int int8_amx_enable(int on) {
+    amx_enabled = on && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_enabled;
+}
+
+/* As int8_matmul for rows <= 16, in a multiple of 32, out of 16. Returns 1 when out of memory (nothing written). */
+static int int8_matmul_amx(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y,
+                           int64_t rows, int64_t in, int64_t out, int threads) {
+    uint32_t *packed = aligned_alloc(64, (size_t)in * 32);
+    if (packed == NULL) return 1;
+    pack_activations(x, rows, in, packed);
+    int64_t groups = out / 16;  /* of 16 weight rows */
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(groups >= 16)
+    {
+        uint16_t *wide = aligned_alloc(64, (size_t)in * 32);  /* 16 widened weight rows */
+        if (wide == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        configure_tiles();
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            if (wide == NULL) continue;
+            float c[16][16];
+            widen_to_bf16(q + g * 16 * in, 16 * in, wide);
+            _tile_zero(0);
+            for (int64_t k = 0; k < in; k += 32) {
+                _tile_loadd(1, wide + k, in * 2);
+                _tile_loadd(2, packed + k * 8, 64);  /* pairs k/2 .. k/2 + 15, 16 rows each */
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 64);
+            /* C is y transposed: scale and round each weight row's 16 sums (to nearest even, as the loop above,
+             * except that float32 denormals become 0), then write y row by row */
+            uint16_t columns[16][16];
+            for (int r = 0; r < 16; r++) {
+                __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(c[r]), _mm512_set1_ps(bf16_to_float(scale[g * 16 + r])));
+                _mm256_storeu_si256((__m256i *)columns[r], (__m256i)_mm512_cvtneps_pbh(scaled));
+            }
+            for (int64_t m = 0; m < rows; m++)
+                for (int r = 0; r < 16; r++) y[m * out + g * 16 + r] = columns[r][m];
+        }
+        _tile_release();
+        free(wide);
+    }
+    free(packed);
+    if (!failed) __atomic_fetch_add(&amx_products, 1, __ATOMIC_RELAXED);
+    return failed;
+}
+#else
+int int8_amx_enable(int on) { (void)on; return 0; }  /* built without AMX: always the loop above */
+int64_t int8_amx_products(void) { return 0; }
+#endif
+
 /* x: rows x in (bf16), q: out x in (int8), scale: out (bf16), y: rows x out (bf16). */
 void int8_matmul(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y,
                  int64_t rows, int64_t in, int64_t out, int threads) {
+#ifdef HAVE_AMX
+    if (amx_enabled && rows >= AMX_MIN_ROWS && rows <= 16 && in % 32 == 0 && out % 16 == 0 &&
+        int8_matmul_amx(x, q, scale, y, rows, in, out, threads) == 0)
+        return;
+#endif
     int64_t blocks = (out + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(threads) if(blocks >= 64)  /* tiny: not worth a team */
     for (int64_t b = 0; b < blocks; b++) {

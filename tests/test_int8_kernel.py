@@ -172,3 +172,57 @@ def test_the_build_is_cached_under_a_name_that_changes_with_the_source(tmp_path,
     assert second != first and second.exists()
     stamp = second.stat().st_mtime_ns
     assert int8_kernel._build() == second and second.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+AMX_HERE = not UNSUPPORTED and int8_kernel.use_amx(True)
+needs_amx = pytest.mark.skipif(not AMX_HERE, reason="no AMX here (CPU, kernel build or Linux permission)")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, in_features, out_features", [
+    (16, 576, 960),    # a decoding step of 16 rows through the QKV projection
+    (16, 1536, 576),   # and through the MLP down projection (three 512-wide stretches of the input)
+    (5, 576, 3072),    # fewer rows than a tile holds: the rest of the tile is zeros, not written out
+    (5, 64, 16),       # the fewest rows that use it, one group of 16 weight rows
+])
+def test_amx_products_match_the_definition_and_run_another_path(rows, in_features, out_features):
+    q, scale = quantized(out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    before = amx_products()
+    try:
+        with_amx = int8_matmul(x, q, scale)
+        assert amx_products() == before + 1
+        int8_kernel.use_amx(False)
+        with_fma = int8_matmul(x, q, scale)
+        assert amx_products() == before + 1
+    finally:
+        int8_kernel.use_amx(True)
+    exact = reference(x, q, scale)
+    magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).T
+    assert ((with_amx.double() - exact).abs() <= exact.abs() * 2**-8 + magnitude * in_features * 2**-24).all()
+    # the two paths add the same exact products in another order: nearly always the same bf16 result
+    assert (with_amx == with_fma).float().mean() > 0.99
+
+
+@needs_amx
+def test_amx_is_not_used_for_widths_it_does_not_take():
+    q, scale = quantized(40, 64)  # 40 weight rows: not a multiple of 16, so the FMA loop runs
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    before = amx_products()
+    with_amx = int8_matmul(x, q, scale)
+    assert amx_products() == before
+    try:
+        int8_kernel.use_amx(False)
+        assert torch.equal(int8_matmul(x, q, scale), with_amx)
+        assert kernel_name() == "int8_matvec.c (compiled for this CPU)"
+    finally:
+        int8_kernel.use_amx(True)
+    assert kernel_name() == "int8_matvec.c (compiled for this CPU, AMX for 5-16 rows)"
+    four = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    int8_matmul(four, *quantized(64, 64))  # fewer than 5 rows: the FMA loop too
+    assert amx_products() == before
+
+
+def amx_products() -> int:
+    """How many products this process has computed on AMX so far."""
+    return int8_kernel.library().int8_amx_products()
