@@ -226,3 +226,20 @@ def test_amx_is_not_used_for_widths_it_does_not_take():
 def amx_products() -> int:
     """How many products this process has computed on AMX so far."""
     return int8_kernel.library().int8_amx_products()
+
+
+@needs_amx
+def test_pytorchs_bf16_products_on_amx_are_unchanged_by_ours_between_them():
+    """oneDNN multiplies bf16 on the same tile registers (on both threads): our kernel configures and releases
+    them around its own use, so a bf16 product before and after one of ours gives the same bits."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(1536, 576, generator=generator).to(torch.bfloat16)
+    xs = [torch.randn(rows, 576, generator=generator).to(torch.bfloat16) for rows in (16, 700)]
+    before = [torch.nn.functional.linear(x, weight) for x in xs]
+    q, scale = quantized(960, 576)
+    count = amx_products()
+    for x in xs:
+        int8_matmul(x[:16], q, scale)
+        after = [torch.nn.functional.linear(x, weight) for x in xs]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert amx_products() == count + 2
