@@ -19,7 +19,7 @@ PyTorch's kernel: results agree to bf16 rounding either way. ``kernel_name()`` s
 
 On a CPU with AMX (Intel Sapphire Rapids and later), products of 5 to 16 rows widen the int8 weights to
 bf16 once and multiply them on the matrix unit instead of with AVX-512 FMAs: at 16 rows one pass over the
-model's int8 matrices is about three times faster (``bench/kernels.json``: ``amx_ms`` against
+model's int8 matrices is about three times faster (``bench/kernels.json``: ``compiled_ms`` against
 ``fma_ms``). ``use_amx(False)`` switches that off for a process (benchmarks compare the two).
 """
 

@@ -12,10 +12,12 @@ most ``scale / 2``, i.e. under 0.4 % of the row's largest weight. A decoding ste
 directly, the scale applied to the outputs: with the small C kernel of ``int8_kernel.py`` where it can be
 built (it streams the weights faster than PyTorch's kernel: ``bench/kernels.json``), else with PyTorch's
 ``_weight_int8pack_mm``. A prompt of many tokens is compute-bound instead: there ``q`` is converted to
-bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch (at batch 1 it
-reads half the bytes; at batch 16 a CPU with AMX multiplies bf16 faster than int8 can be widened and
-multiplied; the rest of each step runs in C for both, ``decode_step.py`` and ``glued_blocks.py``):
-``make bench`` measures both, and the README reports them.
+bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch: at batch 1 it
+reads half the bytes; at batch 16 the products are bound by arithmetic, and int8 keeps up with bf16 only
+where the kernel can widen the weights to bf16 and multiply them on AMX as oneDNN does for bf16 (Intel
+Sapphire Rapids and later; AVX-512 FMAs alone are about three times slower there). The rest of each step
+runs in C for both (``decode_step.py``, ``glued_blocks.py``). ``make bench`` measures both, and the
+README reports them.
 
 Quantizing reads every bf16 matrix, so the process that does it holds both copies for a moment.
 ``load_int8_model`` therefore quantizes the pretrained model once and caches the int8 matrices on disk:
