@@ -7,9 +7,10 @@ down 576x1536, plus the 49,152x576 LM head), each matrix its own memory, so that
 weight from RAM as decoding does; times are the best of 3 repeats of 5 passes, in milliseconds:
 
 * ``int8``: one pass over all int8 matrices (scales per row) with the compiled kernel
-  (``int8_kernel.int8_matmul``) and with PyTorch's ``_weight_int8pack_mm``, at 1, 4, 8 and 16 rows; where
-  the CPU has AMX (which the compiled kernel uses for 5-16 rows), also ``fma_ms``: the compiled kernel with
-  AMX off (``int8_kernel.use_amx(False)``), its AVX-512 FMA loop;
+  (``int8_kernel.int8_matmul``, as it runs by default) and with PyTorch's ``_weight_int8pack_mm``, at 1, 4,
+  5, 8 and 16 rows; where the CPU has AMX, also each path of the compiled kernel at every row count:
+  ``fma_ms`` (AMX off, ``use_amx(0)``: its AVX-512 FMA loop) and ``amx_ms`` (AMX from one row,
+  ``use_amx(1)``), which is where ``int8_kernel.AMX_MIN_ROWS`` comes from;
 * ``bf16_prepacked``: the 120 block matrices in bf16 with ``F.linear`` against the same weights packed
   once for oneDNN (``prepack.py``), at 16 rows (a decoding step of a batch of 16) and 3,680 rows (a
   prompt batch of 16 x 230 tokens); plus whether the outputs are bit for bit the same;
@@ -60,8 +61,8 @@ def int8_products() -> dict:
     weights = [(torch.randint(-127, 128, shape, dtype=torch.int8), (torch.rand(shape[0]) / 100).to(torch.bfloat16))
                for shape in shapes]
     out = {"kernel": kernel_name(), "weight_bytes": sum(q.numel() for q, _ in weights)}
-    amx = use_amx(True)
-    for rows in (1, 4, 8, 16):
+    amx = use_amx() > 0
+    for rows in (1, 4, 5, 8, 16):
         xs = {width: torch.randn(rows, width).to(torch.bfloat16) for width in (576, 1536)}
         compiled = each(lambda i, xs=xs: int8_matmul(xs[weights[i][0].shape[1]], *weights[i]), len(weights))
         ours = best_ms(compiled)
@@ -70,10 +71,11 @@ def int8_products() -> dict:
         out[f"rows_{rows}"] = {"compiled_ms": ours, "pytorch_ms": theirs,
                                "compiled_gb_per_s": out["weight_bytes"] / ours / 1e6,
                                "pytorch_gb_per_s": out["weight_bytes"] / theirs / 1e6}
-        if amx and rows >= 4:  # (4 rows: to show why AMX starts at 5)
-            use_amx(False)
-            out[f"rows_{rows}"]["fma_ms"] = best_ms(compiled)
-            use_amx(True)
+        if amx:  # both paths of the compiled kernel at every row count: where AMX starts to pay
+            for name, min_rows in (("fma_ms", 0), ("amx_ms", 1)):
+                use_amx(min_rows)
+                out[f"rows_{rows}"][name] = best_ms(compiled)
+            use_amx()
     return out
 
 

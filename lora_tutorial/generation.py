@@ -88,7 +88,7 @@ def next_tokens(logits: torch.Tensor, greedy: bool, temperature: float, top_k: i
     """Choose one token per row from (B, vocab) logits."""
     if greedy:
         # The same first-maximum index as ``argmax``, but PyTorch's CPU ``max`` kernel is vectorised and its
-        # bf16 ``argmax`` is not: 289 vs 1,364 us for 16 rows of 49,152 logits (bench/kernels.json).
+        # bf16 ``argmax`` is not: 332 vs 1,483 us for 16 rows of 49,152 logits (bench/kernels.json).
         return logits.max(-1).indices
     logits = _filter_top_k_top_p(logits.float() / max(temperature, 1e-5), top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -4,11 +4,11 @@ The same library holds ``decode_block.c``: a whole decoding step of one block bu
 which ``decode_step.py`` calls, and the pieces of that step on their own, which ``glued_blocks.py`` calls
 between PyTorch's products when a bf16 model generates. (So a bf16 model builds the library too.)
 
-Decoding multiplies each int8 weight matrix by one (or a few) activation rows, so its speed is how fast
+Decoding one sequence multiplies each int8 weight matrix by one activation row, so its speed is how fast
 the weights stream in from memory. PyTorch's ``_weight_int8pack_mm`` streams them well below the
-memory bandwidth of the project's VM; the page of C next to this file gets much closer (it asks for the
-weights 8 KiB before it needs them -- see its comment). ``bench/kernels.json`` and
-``bench/decode_breakdown.json`` measure both.
+memory bandwidth of the project's VM; the C next to this file gets much closer (it asks for the weights
+8 KiB before it needs them -- see its comment). ``bench/kernels.json`` and ``bench/decode_breakdown.json``
+measure both.
 
 The kernel is compiled once per machine with the system C compiler (``cc``, or ``$CC``) for this CPU
 (``-march=native``) into the weight cache folder, under a name that hashes the source, the flags and the
@@ -17,10 +17,13 @@ Where that is not possible (no compiler, a CPU without AVX-512, not Linux), or w
 ``LORA_TUTORIAL_INT8_KERNEL=torch`` in the environment, ``int8_matmul`` returns None and the caller uses
 PyTorch's kernel: results agree to bf16 rounding either way. ``kernel_name()`` says which one runs.
 
-On a CPU with AMX (Intel Sapphire Rapids and later), products of 5 to 16 rows widen the int8 weights to
-bf16 once and multiply them on the matrix unit instead of with AVX-512 FMAs: at 16 rows one pass over the
-model's int8 matrices is about three times faster (``bench/kernels.json``: ``compiled_ms`` against
-``fma_ms``). ``use_amx(False)`` switches that off for a process (benchmarks compare the two).
+A decoding step of many sequences is bound by arithmetic instead (each weight is multiplied once per
+row). On a CPU with AMX (Intel Sapphire Rapids and later), products of ``AMX_MIN_ROWS`` (5) to 16 rows
+widen the int8 weights to bf16 once and multiply them on the matrix unit instead of with AVX-512 FMAs: at
+16 rows one pass over the model's int8 matrices takes well under half the time (``bench/kernels.json``:
+``amx_ms`` against ``fma_ms``). The two paths round alike but add in another order, so an int8 result can differ in
+its last bf16 bit between a batch of 4 rows and one of 5. ``use_amx`` moves the threshold or switches AMX
+off (benchmarks and tests compare the two).
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ from .pretrained import cache_dir
 # The int8 products, and a block's decoding step and its pieces (decode_step.py, glued_blocks.py): one library.
 SOURCES = (Path(__file__).with_name("int8_matvec.c"), Path(__file__).with_name("decode_block.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = 16  # more rows make the product compute-bound (the kernel re-reads each weight block per 4 rows)
+MAX_ROWS = 16  # the most rows the kernel takes (a decoding step of 16 sequences); more: PyTorch's bf16 products
+# Products of this many rows or more run on AMX where the CPU has it: by hand and in bench/kernels.json
+# (`amx_ms` against `fma_ms`), the FMA loop is faster up to 4 rows and AMX from 5.
+AMX_MIN_ROWS = 5
 log = logging.getLogger(__name__)
 
 
@@ -79,19 +85,18 @@ def kernel_name() -> str:
     lib, reason = _library()
     if lib is None:
         return f"PyTorch _weight_int8pack_mm ({reason})"
-    return "int8_matvec.c (compiled for this CPU" + (", AMX for 5-16 rows)" if _amx_on else ")")
+    rows = lib.int8_amx_min_rows()
+    return "int8_matvec.c (compiled for this CPU" + (f", AMX for {rows}-{MAX_ROWS} rows)" if rows else ")")
 
 
-_amx_on = False  # whether products of 5-16 rows use AMX (set when the library loads, and by use_amx)
-
-
-def use_amx(enabled: bool) -> bool:
-    """Let products of 5-16 rows use AMX (the default where the CPU and Linux allow it) or not; returns
-    whether they now do. False where the compiled kernel is not used or the CPU has no AMX."""
-    global _amx_on
+def use_amx(min_rows: int = AMX_MIN_ROWS) -> int:
+    """Let products of ``min_rows`` to ``MAX_ROWS`` rows run on AMX (from the first use: ``AMX_MIN_ROWS``),
+    or none of them with 0; for benchmarks and tests that compare the two paths. Returns the threshold now
+    in effect: 0 where AMX is off or cannot run here (no compiled kernel, no AMX, Linux refused it)."""
+    if not 0 <= min_rows <= MAX_ROWS:
+        raise ValueError(f"use_amx: min_rows must be 0 (off) to {MAX_ROWS}, got {min_rows}")
     lib = library()
-    _amx_on = lib is not None and bool(lib.int8_amx_enable(int(enabled)))
-    return _amx_on
+    return 0 if lib is None else lib.int8_amx_set(min_rows)
 
 
 def library() -> ctypes.CDLL | None:
@@ -116,11 +121,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the build failed: {(errors or detail.splitlines() or [type(error).__name__])[0]}"
     lib.int8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.int8_matmul.restype = None
-    lib.int8_amx_enable.argtypes = [ctypes.c_int]
-    lib.int8_amx_enable.restype = ctypes.c_int  # 1: AMX on (Linux granted the tile registers), 0: off
-    lib.int8_amx_products.restype = ctypes.c_int64  # how many products ran on AMX so far in this process
-    global _amx_on
-    _amx_on = bool(lib.int8_amx_enable(1))
+    lib.int8_amx_set.argtypes = [ctypes.c_int]  # min_rows (0: off)
+    lib.int8_amx_set.restype = ctypes.c_int  # the threshold in effect: 0 unless Linux granted the tile registers
+    lib.int8_amx_min_rows.restype = ctypes.c_int
+    lib.int8_amx_calls.restype = ctypes.c_int64  # how many products ran on AMX so far in this process
+    lib.int8_amx_set(AMX_MIN_ROWS)
     # decode_block(tensors, sizes, eps, x, rows, positions, column, visible, cos, sin_signed, threads)
     lib.decode_block.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int]
@@ -194,4 +199,4 @@ def _cpu_flags() -> str:
     return ""
 
 
-__all__ = ["MAX_ROWS", "int8_matmul", "kernel_name", "library", "use_amx"]
+__all__ = ["AMX_MIN_ROWS", "MAX_ROWS", "int8_matmul", "kernel_name", "library", "use_amx"]

@@ -1,32 +1,35 @@
 /* Int8 weight-only matrix products for decoding: y = x W^T with W stored as int8 rows and a scale per row.
  *
  * Built and loaded by int8_kernel.py (`cc -O3 -march=native -fopenmp`); used for products of at most 16
- * rows, where the time goes into reading the weights, not into arithmetic.
+ * rows (a decoding step of up to 16 sequences).
  *
  *     y[m, o] = scale[o] * sum_i q[o, i] * x[m, i]      x, y, scale: bf16;  q: int8 (out x in)
  *
- * Two things make it fast on a CPU:
+ * With one row the time goes into reading the weights; two things make that fast:
  *
- * 1. Blocks of four weight rows and up to four activation rows: each step widens 16 weights of each of
- *    the four rows to float32 once (exactly: int8 -> int32 -> float32) and multiplies them with 16 values
- *    of every activation row into up to 16 independent accumulators, which keep the FMA units busy. The
- *    sums are float32 sums of the exact products, added in another order than a plain loop would.
+ * 1. Blocks of four weight rows and up to four activation rows (`dot_block`): each step widens 16
+ *    weights of each of the four rows to float32 once (exactly: int8 -> int32 -> float32) and multiplies
+ *    them with 16 values of every activation row into up to 16 independent accumulators, which keep the
+ *    FMA units busy. The sums are float32 sums of the exact products, added in another order than a plain
+ *    loop would.
  * 2. Software prefetch PREFETCH_BYTES ahead. The rows of one matrix lie one after another, so the kernel
  *    reads one long stream; the hardware prefetcher stops at every 4 KiB page and restarts slowly, which
  *    left PyTorch's int8 kernel well below the memory bandwidth on the project's VM. Asking for the
  *    cache line 8 KiB ahead keeps enough reads in flight (bench/kernels.json: ours against PyTorch's).
  *    A prefetch never faults, so reading ahead past the end of a matrix is harmless.
  *
- * Needs AVX-512 F, BW and VL (int8_kernel.py checks the CPU first and uses PyTorch's kernel otherwise).
+ * With more rows the FMA loop becomes bound by arithmetic (every widened weight is multiplied once per
+ * row); on a CPU with AMX, products of `amx_min_rows` (5) to 16 rows go to the matrix unit instead (the
+ * section "Several rows on AMX" below).
+ *
+ * Needs AVX-512 F, BW and VL (int8_kernel.py checks the CPU first and uses PyTorch's kernel otherwise);
+ * the AMX path is compiled where `-march=native` also has AMX-TILE, AMX-BF16 and AVX512-BF16.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define PREFETCH_BYTES 8192
-#ifndef AMX_MIN_ROWS
-#define AMX_MIN_ROWS 5  /* fewer rows: the loop above (as fast or faster: bench/kernels.json) */
-#endif
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;  /* bf16 is the top half of a float32 */
@@ -81,13 +84,13 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, con
 
 /* ---- Several rows on AMX ------------------------------------------------------------------------------
  *
- * With 16 activation rows the loop above multiplies every widened weight 16 times with AVX-512 FMAs and is
- * bound by arithmetic, not by memory (bench/kernels.json). A CPU with AMX (Intel Sapphire Rapids and
- * later) has a matrix unit that multiplies 16 x 32 bf16 by 32 x 16 bf16 in one instruction, summing the
- * exact products in float32. So for several rows: widen each group of 16 weight rows once, int8 ->
- * bf16 (exact: every int8 value is a bf16 value), into a small buffer, and let the matrix unit multiply it
- * with the activations, 32 inputs at a time. The weights are read once from memory as before; the arithmetic is no longer the
- * bottleneck.
+ * With 16 activation rows, `int8_matmul`'s FMA loop (below) multiplies every widened weight 16 times and is
+ * bound by arithmetic, not by memory (bench/kernels.json: `fma_ms`). A CPU with AMX (Intel Sapphire Rapids
+ * and later) has a matrix unit that multiplies 16 x 32 bf16 by 32 x 16 bf16 in one instruction, summing
+ * the products in float32. So for several rows: widen each group of 16 weight rows once, int8 -> bf16
+ * (exact: every int8 value is a bf16 value), into a small buffer, and let the matrix unit multiply it with
+ * the activations, 32 inputs at a time. The weights are still read once from memory; the arithmetic is no
+ * longer the bottleneck.
  *
  * The matrix unit computes C += A B on "tiles" (up to 16 rows of 64 bytes each). Here
  *
@@ -96,11 +99,14 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, con
  *         (AMX's "VNNI" layout: B[p][2m + j] = x[m][2p + j]), built once per call
  *     C = 16 weight rows x 16 activation rows, float32
  *
- * so C is y transposed; it is scaled and rounded to bf16 as the loop above does. Rows past `rows` in B are
- * zero. Linux hands out the tile registers only to a process that asks (arch_prctl), which int8_amx_enable
- * does once. Needs `in` to be a multiple of 32 and `out` of 16 (SmolLM2's are); other shapes use the loop
- * above. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+ * so C is y transposed; it is scaled and rounded to bf16 as the FMA loop does. Rows past `rows` in B are
+ * zero and are not written out. The products are exact and summed in float32 as in the FMA loop, in
+ * another order, except that the matrix unit treats denormal numbers (below 1.2e-38) as zero; so a
+ * sequence's int8 results can differ in the last bf16 bit between a batch of 4 rows (FMA loop) and one of
+ * 5 or more (AMX). Linux hands out the tile registers only to a process that asks (arch_prctl), which
+ * int8_amx_set does. Needs `in` to be a multiple of 32 and `out` of 16 (SmolLM2's are); other shapes use
+ * the FMA loop. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -126,7 +132,7 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
-/* n int8 weights (n a multiple of 64) as bf16, reading ahead as the loop above does. */
+/* n int8 weights (n a multiple of 64) as bf16, reading ahead as the FMA loop does. */
 static void widen_to_bf16(const int8_t *w, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i += 64) {
         _mm_prefetch((const char *)w + i + PREFETCH_BYTES, _MM_HINT_T0);
@@ -142,30 +148,57 @@ static void widen_to_bf16(const int8_t *w, int64_t n, uint16_t *out) {
 /* x (rows x in, bf16) as AMX's B operand for all of `in`: packed[p][m] = the pair x[m][2p], x[m][2p + 1]. */
 static void pack_activations(const uint16_t *x, int64_t rows, int64_t in, uint32_t *packed) {
     memset(packed, 0, (size_t)in / 2 * 16 * sizeof(uint32_t));
-    for (int64_t m = 0; m < rows; m++) {
-        const uint32_t *pairs = (const uint32_t *)(x + m * in);
-        for (int64_t p = 0; p < in / 2; p++) packed[p * 16 + m] = pairs[p];
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t p = 0; p < in / 2; p++) memcpy(&packed[p * 16 + m], x + m * in + 2 * p, sizeof(uint32_t));
+}
+
+/* C for one group of 16 weight rows: their sums with every activation row, c[r][m] (float32). */
+static void multiply_group(const int8_t *q, const uint32_t *packed, int64_t in, uint16_t *wide, float c[16][16]) {
+    widen_to_bf16(q, 16 * in, wide);
+    _tile_zero(0);
+    for (int64_t k = 0; k < in; k += 32) {
+        _tile_loadd(1, wide + k, in * 2);
+        _tile_loadd(2, packed + k * 8, 64);  /* pairs k/2 .. k/2 + 15, 16 rows each */
+        _tile_dpbf16ps(0, 1, 2);
     }
+    _tile_stored(0, c, 64);
 }
 
-static int amx_enabled = 0;
-static int64_t amx_products = 0;  /* products computed on AMX so far (tests read it: int8_amx_products) */
-
-int64_t int8_amx_products(void) { return __atomic_load_n(&amx_products, __ATOMIC_RELAXED); }
-
-/* Ask Linux for the tile registers; 1 if AMX is used from now on, 0 if not (on = 0 switches it off). */
-int int8_amx_enable(int on) {
-    amx_enabled = on && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return amx_enabled;
+/* Scale and round c (16 weight rows x 16 activation rows) to bf16 (to nearest even, as float_to_bf16) and
+ * write it into columns o .. o + 15 of y's first `rows` rows: y is c transposed. */
+static void write_group(float c[16][16], const uint16_t *scale, int64_t o, uint16_t *y, int64_t rows,
+                        int64_t out) {
+    uint16_t rounded[16][16];  /* rounded[r][m]: weight row o + r, activation row m */
+    for (int r = 0; r < 16; r++) {
+        __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(c[r]), _mm512_set1_ps(bf16_to_float(scale[o + r])));
+        _mm256_storeu_si256((__m256i *)rounded[r], (__m256i)_mm512_cvtneps_pbh(scaled));
+    }
+    for (int64_t m = 0; m < rows; m++)
+        for (int r = 0; r < 16; r++) y[m * out + o + r] = rounded[r][m];
 }
 
-/* As int8_matmul for rows <= 16, in a multiple of 32, out of 16. Returns 1 when out of memory (nothing written). */
+static int amx_min_rows = 0;     /* products of this many rows or more use AMX; 0: none */
+static int64_t amx_calls = 0;    /* products computed on AMX so far (tests read it: int8_amx_calls) */
+
+int64_t int8_amx_calls(void) { return __atomic_load_n(&amx_calls, __ATOMIC_RELAXED); }
+int int8_amx_min_rows(void) { return __atomic_load_n(&amx_min_rows, __ATOMIC_RELAXED); }
+
+/* Use AMX for products of min_rows (1-16) to 16 rows, or not at all (0). Asks Linux for the tile registers
+ * first; returns the threshold in effect (0: AMX off, or not allowed here). */
+int int8_amx_set(int min_rows) {
+    int allowed = min_rows > 0 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    __atomic_store_n(&amx_min_rows, allowed ? min_rows : 0, __ATOMIC_RELAXED);
+    return allowed ? min_rows : 0;
+}
+
+/* As int8_matmul for rows <= 16, `in` a multiple of 32, `out` of 16. Returns 1 when out of memory (then
+ * part of y may be written; the caller computes all of it again). */
 static int int8_matmul_amx(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y,
                            int64_t rows, int64_t in, int64_t out, int threads) {
-    uint32_t *packed = aligned_alloc(64, (size_t)in * 32);
+    uint32_t *packed = aligned_alloc(64, (size_t)in * 32);  /* in / 2 pairs x 16 rows x 4 bytes */
     if (packed == NULL) return 1;
     pack_activations(x, rows, in, packed);
-    int64_t groups = out / 16;  /* of 16 weight rows */
+    int64_t groups = out / 16;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(groups >= 16)
     {
@@ -174,46 +207,33 @@ static int int8_matmul_amx(const uint16_t *x, const int8_t *q, const uint16_t *s
             #pragma omp atomic write
             failed = 1;
         }
-        configure_tiles();
+        configure_tiles();  /* per thread: the tile registers are each thread's own */
         #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             if (wide == NULL) continue;
             float c[16][16];
-            widen_to_bf16(q + g * 16 * in, 16 * in, wide);
-            _tile_zero(0);
-            for (int64_t k = 0; k < in; k += 32) {
-                _tile_loadd(1, wide + k, in * 2);
-                _tile_loadd(2, packed + k * 8, 64);  /* pairs k/2 .. k/2 + 15, 16 rows each */
-                _tile_dpbf16ps(0, 1, 2);
-            }
-            _tile_stored(0, c, 64);
-            /* C is y transposed: scale and round each weight row's 16 sums (to nearest even, as the loop above,
-             * except that float32 denormals become 0), then write y row by row */
-            uint16_t columns[16][16];
-            for (int r = 0; r < 16; r++) {
-                __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(c[r]), _mm512_set1_ps(bf16_to_float(scale[g * 16 + r])));
-                _mm256_storeu_si256((__m256i *)columns[r], (__m256i)_mm512_cvtneps_pbh(scaled));
-            }
-            for (int64_t m = 0; m < rows; m++)
-                for (int r = 0; r < 16; r++) y[m * out + g * 16 + r] = columns[r][m];
+            multiply_group(q + g * 16 * in, packed, in, wide, c);
+            write_group(c, scale, g * 16, y, rows, out);
         }
         _tile_release();
         free(wide);
     }
     free(packed);
-    if (!failed) __atomic_fetch_add(&amx_products, 1, __ATOMIC_RELAXED);
+    if (!failed) __atomic_fetch_add(&amx_calls, 1, __ATOMIC_RELAXED);
     return failed;
 }
 #else
-int int8_amx_enable(int on) { (void)on; return 0; }  /* built without AMX: always the loop above */
-int64_t int8_amx_products(void) { return 0; }
+int int8_amx_set(int min_rows) { (void)min_rows; return 0; }  /* built without AMX: always the FMA loop */
+int64_t int8_amx_calls(void) { return 0; }
+int int8_amx_min_rows(void) { return 0; }
 #endif
 
 /* x: rows x in (bf16), q: out x in (int8), scale: out (bf16), y: rows x out (bf16). */
 void int8_matmul(const uint16_t *x, const int8_t *q, const uint16_t *scale, uint16_t *y,
                  int64_t rows, int64_t in, int64_t out, int threads) {
 #ifdef HAVE_AMX
-    if (amx_enabled && rows >= AMX_MIN_ROWS && rows <= 16 && in % 32 == 0 && out % 16 == 0 &&
+    int min_rows = __atomic_load_n(&amx_min_rows, __ATOMIC_RELAXED);
+    if (min_rows > 0 && rows >= min_rows && rows <= 16 && in % 32 == 0 && out % 16 == 0 &&
         int8_matmul_amx(x, q, scale, y, rows, in, out, threads) == 0)
         return;
 #endif

@@ -3,9 +3,9 @@
 On a CPU, ``F.linear`` with a bf16 weight calls oneDNN, whose AMX kernels want the weight in a blocked
 layout of their own; given a plain (out, in) matrix they rearrange it on every call. A decoding step
 multiplies a few rows by every matrix of the model, so that rearranging is a large part of its time:
-on the project's VM, the 120 block matrices multiplied by 16 rows took 19.4 ms from plain weights and
-12.7 ms from weights packed beforehand (``bench/kernels.json``). A prompt of thousands of rows gains
-nothing (285 ms plain, 298 ms packed for 3,680 rows; by hand, plain was faster from ~256 rows up), so packed
+on the project's VM, the 120 block matrices multiplied by 16 rows took 30.2 ms from plain weights and
+17.3 ms from weights packed beforehand (``bench/kernels.json``). A prompt of thousands of rows gains
+little (401 ms plain, 387 ms packed for 3,680 rows; by hand, plain was faster from ~256 rows up), so packed
 weights are used only up to ``PACKED_MAX_ROWS`` rows. The results are bit for bit those of
 ``F.linear`` (tested).
 

@@ -15,7 +15,7 @@ built (it streams the weights faster than PyTorch's kernel: ``bench/kernels.json
 bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch: at batch 1 it
 reads half the bytes; at batch 16 the products are bound by arithmetic, and int8 keeps up with bf16 only
 where the kernel can widen the weights to bf16 and multiply them on AMX as oneDNN does for bf16 (Intel
-Sapphire Rapids and later; AVX-512 FMAs alone are about three times slower there). The rest of each step
+Sapphire Rapids and later; with AVX-512 FMAs alone it takes more than twice as long there). The rest of each step
 runs in C for both (``decode_step.py``, ``glued_blocks.py``). ``make bench`` measures both, and the
 README reports them.
 
@@ -48,7 +48,7 @@ from .precision import cast_frozen_weights
 from .pretrained import DEFAULT_MODEL, CheckpointError, load_base_model, weights_cache_path
 from .tokenizer import Tokenizer
 
-# A product with at most this many rows is "decoding" (memory-bound): use the int8 kernel directly.
+# A product with at most this many rows is "decoding" (a step of up to 16 sequences): the int8 kernel.
 DECODE_ROWS = MAX_ROWS
 # Names the int8 cache file: change it when the quantization recipe changes, so old files are not reused.
 INT8_CACHE_TAG = "int8-rowwise-absmax-v1"

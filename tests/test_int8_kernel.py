@@ -2,7 +2,9 @@
 machine where it cannot be built falls back to PyTorch's kernel instead of failing.
 
 The kernel's own arithmetic is tested where it runs (x86-64 Linux with AVX-512 F/BW/VL and a C compiler,
-as the project's machine and its CI); elsewhere those tests are skipped and the fallback tests run."""
+as the project's machine and its CI); elsewhere those tests are skipped and the fallback tests run. Its
+AMX path (products of 5-16 rows) is tested where the CPU has AMX and Linux grants the tile registers, as
+on the project's machine; a counter in the library shows which path each product took."""
 
 from __future__ import annotations
 
@@ -174,72 +176,117 @@ def test_the_build_is_cached_under_a_name_that_changes_with_the_source(tmp_path,
     assert int8_kernel._build() == second and second.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-AMX_HERE = not UNSUPPORTED and int8_kernel.use_amx(True)
-needs_amx = pytest.mark.skipif(not AMX_HERE, reason="no AMX here (CPU, kernel build or Linux permission)")
+needs_amx = pytest.mark.skipif(bool(UNSUPPORTED) or "AMX" not in kernel_name(),
+                               reason="no AMX here (CPU, kernel build or Linux permission)")
+
+
+def amx_calls() -> int:
+    """How many products this process has computed on AMX so far."""
+    return int8_kernel.library().int8_amx_calls()
+
+
+def within_rounding(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether y is the definition up to the bf16 rounding of the result and float32 rounding of the sum."""
+    exact = reference(x, q, scale)
+    magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).T
+    return bool(((y.double() - exact).abs() <= exact.abs() * 2**-8 + magnitude * x.shape[-1] * 2**-24).all())
 
 
 @needs_amx
 @pytest.mark.parametrize("rows, in_features, out_features", [
     (16, 576, 960),    # a decoding step of 16 rows through the QKV projection
-    (16, 1536, 576),   # and through the MLP down projection (three 512-wide stretches of the input)
+    (16, 1536, 576),   # and through the MLP down projection
     (5, 576, 3072),    # fewer rows than a tile holds: the rest of the tile is zeros, not written out
-    (5, 64, 16),       # the fewest rows that use it, one group of 16 weight rows
+    (5, 32, 16),       # the fewest rows that use it: one group of 16 weight rows, one tile of 32 inputs
+    (7, 96, 48),       # an odd number of 32-input tiles, three groups
 ])
 def test_amx_products_match_the_definition_and_run_another_path(rows, in_features, out_features):
     q, scale = quantized(out_features, in_features)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    before = amx_products()
+    before = amx_calls()
     try:
         with_amx = int8_matmul(x, q, scale)
-        assert amx_products() == before + 1
-        int8_kernel.use_amx(False)
+        assert amx_calls() == before + 1
+        assert int8_kernel.use_amx(0) == 0
         with_fma = int8_matmul(x, q, scale)
-        assert amx_products() == before + 1
+        assert amx_calls() == before + 1
     finally:
-        int8_kernel.use_amx(True)
-    exact = reference(x, q, scale)
-    magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).T
-    assert ((with_amx.double() - exact).abs() <= exact.abs() * 2**-8 + magnitude * in_features * 2**-24).all()
+        int8_kernel.use_amx()
+    assert within_rounding(with_amx, x, q, scale)
     # the two paths add the same exact products in another order: nearly always the same bf16 result
     assert (with_amx == with_fma).float().mean() > 0.99
 
 
 @needs_amx
-def test_amx_is_not_used_for_widths_it_does_not_take():
-    q, scale = quantized(40, 64)  # 40 weight rows: not a multiple of 16, so the FMA loop runs
-    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    before = amx_products()
-    with_amx = int8_matmul(x, q, scale)
-    assert amx_products() == before
-    try:
-        int8_kernel.use_amx(False)
-        assert torch.equal(int8_matmul(x, q, scale), with_amx)
-        assert kernel_name() == "int8_matvec.c (compiled for this CPU)"
-    finally:
-        int8_kernel.use_amx(True)
-    assert kernel_name() == "int8_matvec.c (compiled for this CPU, AMX for 5-16 rows)"
-    four = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    int8_matmul(four, *quantized(64, 64))  # fewer than 5 rows: the FMA loop too
-    assert amx_products() == before
-
-
-def amx_products() -> int:
-    """How many products this process has computed on AMX so far."""
-    return int8_kernel.library().int8_amx_products()
+@pytest.mark.parametrize("rows, in_features, out_features", [
+    (16, 64, 40),   # 40 weight rows: not a multiple of 16
+    (16, 48, 16),   # 48 inputs: not a multiple of 32 (a tile would read past the end of each row)
+    (4, 64, 64),    # fewer rows than AMX_MIN_ROWS
+])
+def test_amx_is_not_used_for_shapes_it_does_not_take(rows, in_features, out_features):
+    q, scale = quantized(out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    before = amx_calls()
+    y = int8_matmul(x, q, scale)
+    assert amx_calls() == before and within_rounding(y, x, q, scale)
 
 
 @needs_amx
-def test_pytorchs_bf16_products_on_amx_are_unchanged_by_ours_between_them():
-    """oneDNN multiplies bf16 on the same tile registers (on both threads): our kernel configures and releases
-    them around its own use, so a bf16 product before and after one of ours gives the same bits."""
-    generator = torch.Generator().manual_seed(6)
+def test_the_amx_threshold_can_be_moved_and_switched_off():
+    assert kernel_name() == f"int8_matvec.c (compiled for this CPU, AMX for {int8_kernel.AMX_MIN_ROWS}-16 rows)"
+    q, scale = quantized(32, 64)
+    one_row = torch.randn(1, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    before = amx_calls()
+    try:
+        assert int8_kernel.use_amx(1) == 1
+        assert within_rounding(int8_matmul(one_row, q, scale), one_row, q, scale)
+        assert amx_calls() == before + 1
+        assert int8_kernel.use_amx(0) == 0
+        assert kernel_name() == "int8_matvec.c (compiled for this CPU)"
+        int8_matmul(one_row.expand(16, 64), q, scale)
+        assert amx_calls() == before + 1
+        with pytest.raises(ValueError, match="min_rows must be 0 .off. to 16, got 17"):
+            int8_kernel.use_amx(17)
+    finally:
+        int8_kernel.use_amx()
+    assert kernel_name().endswith("AMX for 5-16 rows)")
+
+
+@needs_amx
+def test_amx_writes_only_the_rows_it_was_given():
+    """y is exactly rows x out: a write past it would corrupt the heap unseen, so call the library on a
+    larger buffer and check that what lies after y is untouched."""
+    rows, in_features, out_features = 5, 64, 32
+    q, scale = quantized(out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    sentinel = -12345.0
+    buffer = torch.full((16, out_features), sentinel, dtype=torch.bfloat16)
+    before = amx_calls()
+    int8_kernel.library().int8_matmul(x.data_ptr(), q.data_ptr(), scale.data_ptr(), buffer.data_ptr(),
+                                      rows, in_features, out_features, 2)
+    assert amx_calls() == before + 1
+    assert within_rounding(buffer[:rows], x, q, scale)
+    assert (buffer[rows:] == sentinel).all()
+
+
+@needs_amx
+def test_pytorchs_bf16_work_on_amx_is_unchanged_by_ours_between_them():
+    """oneDNN (products) and PyTorch's flash attention multiply bf16 on the same tile registers, on both
+    threads, and may keep their tile configuration between calls: ours configures and releases the tiles
+    around its own use, so their results before and after one of our products are the same bits."""
+    generator = torch.Generator().manual_seed(7)
     weight = torch.randn(1536, 576, generator=generator).to(torch.bfloat16)
     xs = [torch.randn(rows, 576, generator=generator).to(torch.bfloat16) for rows in (16, 700)]
-    before = [torch.nn.functional.linear(x, weight) for x in xs]
+    qkv = [torch.randn(4, 9, 300, 64, generator=generator).to(torch.bfloat16) for _ in range(3)]
+
+    def theirs() -> list[torch.Tensor]:
+        products = [torch.nn.functional.linear(x, weight) for x in xs]
+        return [*products, torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True)]
+
+    before = theirs()
     q, scale = quantized(960, 576)
-    count = amx_products()
+    count = amx_calls()
     for x in xs:
         int8_matmul(x[:16], q, scale)
-        after = [torch.nn.functional.linear(x, weight) for x in xs]
-        assert all(torch.equal(a, b) for a, b in zip(after, before))
-    assert amx_products() == count + 2
+        assert all(torch.equal(a, b) for a, b in zip(theirs(), before))
+    assert amx_calls() == count + 2
