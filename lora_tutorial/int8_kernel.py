@@ -21,9 +21,9 @@ A decoding step of many sequences is bound by arithmetic instead (each weight is
 row). On a CPU with AMX (Intel Sapphire Rapids and later), products of ``AMX_MIN_ROWS`` (5) to 16 rows
 widen the int8 weights to bf16 once and multiply them on the matrix unit instead of with AVX-512 FMAs: at
 16 rows one pass over the model's int8 matrices takes well under half the time (``bench/kernels.json``:
-``amx_ms`` against ``fma_ms``). The two paths round alike but add in another order, so an int8 result can differ in
-its last bf16 bit between a batch of 4 rows and one of 5. ``use_amx`` moves the threshold or switches AMX
-off (benchmarks and tests compare the two).
+``amx_ms`` against ``fma_ms``). The two paths round alike but add in another order, so an int8 result
+can differ in its last bf16 bit between a batch of 4 rows and one of 5. ``use_amx`` moves the threshold
+or switches AMX off (benchmarks and tests compare the two).
 """
 
 from __future__ import annotations

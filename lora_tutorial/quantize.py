@@ -15,9 +15,9 @@ built (it streams the weights faster than PyTorch's kernel: ``bench/kernels.json
 bf16 and multiplied as usual. Whether int8 beats bf16 depends on the CPU and the batch: at batch 1 it
 reads half the bytes; at batch 16 the products are bound by arithmetic, and int8 keeps up with bf16 only
 where the kernel can widen the weights to bf16 and multiply them on AMX as oneDNN does for bf16 (Intel
-Sapphire Rapids and later; with AVX-512 FMAs alone it takes more than twice as long there). The rest of each step
-runs in C for both (``decode_step.py``, ``glued_blocks.py``). ``make bench`` measures both, and the
-README reports them.
+Sapphire Rapids and later; with AVX-512 FMAs alone it takes more than twice as long there). The rest of
+each step runs in C for both (``decode_step.py``, ``glued_blocks.py``). ``make bench`` measures both,
+and the README reports them.
 
 Quantizing reads every bf16 matrix, so the process that does it holds both copies for a moment.
 ``load_int8_model`` therefore quantizes the pretrained model once and caches the int8 matrices on disk:
