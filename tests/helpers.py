@@ -305,6 +305,7 @@ def assert_agrees_with_fp32_and_answers(fp32_model, model, tokenizer, min_agreem
 needs_c_blocks = pytest.mark.skipif(library() is None or not cpu_has_amx(),
                                     reason="the C blocks run only with the compiled library and a bf16 cache (AMX)")
 
+
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids left-padded with 0 to the longest prompt, and their attention mask (None without pads)."""
     width = max(map(len, prompts))
